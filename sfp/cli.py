@@ -1,0 +1,4 @@
+"""The `sfp` command line."""
+
+def main(argv=None) -> int:
+    return 0
