@@ -1,3 +1,6 @@
-"""sfp: Self-adaptive Feature Purification for CLIP ViTs, and instruments to study attention outliers."""
+"""sfp: Self-adaptive Feature Purification (SFP) for CLIP ViTs.
+
+Also the instruments to study attention outliers: probes, detectors, figures and widgets.
+"""
 
 __version__ = "0.1.0"

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ class DatasetLayoutError(FileNotFoundError):
 class DatasetSpec:
     """Where one benchmark's files live, relative to its root.
 
-    Paths may contain ``{split}``, replaced by ``split_alias.get(split, split)``. A sample
+    Paths may contain ``{split}``, replaced by the split name (or its ``split_alias``). A sample
     ``id`` maps to ``root/img_dir/{id}{img_suffix}`` and ``root/ann_dir/{id}{seg_map_suffix}``;
     ids come from ``split_file`` (one per line) or, when it is None, from scanning ``img_dir``
     (recursively when ``recursive``; an id then includes its sub-folder, e.g. ``city/name``).
@@ -79,7 +79,8 @@ class DatasetSpec:
     root_subdirs: tuple[str, ...] = ()
     """Sub-folders of a given root also tried as the real root (e.g. ``VOC2012``)."""
     recursive: bool = False
-    split_alias: Mapping[str, str] = field(default_factory=dict)
+    split_alias: tuple[tuple[str, str], ...] = ()
+    """``(split, folder name)`` pairs, e.g. ADE20K's ``("val", "validation")``."""
     id_pattern: str = "{id}"
     """How an id looks, for messages (cityscapes: ``{city}/{id}``)."""
     label_note: str = ""
@@ -90,7 +91,7 @@ class DatasetSpec:
 
     def resolve(self, split: str) -> tuple[str, str, str | None]:
         """``(img_dir, ann_dir, split_file)`` for ``split``, relative to the root."""
-        s = self.split_alias.get(split, split)
+        s = dict(self.split_alias).get(split, split)
         split_file = self.split_file.format(split=s) if self.split_file is not None else None
         return self.img_dir.format(split=s), self.ann_dir.format(split=s), split_file
 
@@ -227,7 +228,7 @@ DATASETS: dict[str, DatasetSpec] = {
         reduce_zero_label=True,
         root_display="ADEChallengeData2016",
         root_subdirs=("ADEChallengeData2016",),
-        split_alias={"val": "validation", "train": "training"},
+        split_alias=(("val", "validation"), ("train", "training")),
         label_note="0 = other (dropped), 1..150 classes",
         hint="Unzip ADEChallengeData2016.zip and pass the ADEChallengeData2016 folder.",
     ),
@@ -324,7 +325,7 @@ class SegDataset:
 
     ignore_index: int = IGNORE_INDEX
 
-    def __init__(self, spec: DatasetSpec, root: str | os.PathLike[str], split: str = "val"):
+    def __init__(self, spec: DatasetSpec, root: str | os.PathLike[str], split: str = "val") -> None:
         self.spec = spec
         self.split = split
         self.benchmark = spec.name
