@@ -163,6 +163,9 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
 
 def _load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     own = model.state_dict()
+    # TorchScript archives also carry non-persistent buffers (e.g. the text attn_mask).
+    buffers = {name for name, _ in model.named_buffers()}
+    sd = {k: v for k, v in sd.items() if k in own or k not in buffers}
     mismatched = [
         (k, tuple(own[k].shape), tuple(v.shape))
         for k, v in sd.items()

@@ -48,8 +48,12 @@ def _split_names(line: str, where: str) -> list[str]:
     return names
 
 
-def read_class_file(path: str | Path) -> list[list[str]]:
-    """One class per non-empty line, synonyms separated by ", " -> list of synonym lists."""
+def read_class_file(path: str | Path, allow_duplicates: bool = False) -> list[list[str]]:
+    """One class per non-empty line, synonyms separated by ", " -> list of synonym lists.
+
+    ``allow_duplicates`` accepts a name listed under two classes (the released COCO-Object
+    list has "bed" both in the background line and as a class); otherwise that is an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No class file at {path}.")
@@ -57,11 +61,15 @@ def read_class_file(path: str | Path) -> list[list[str]]:
     classes = [
         _split_names(line, f"{path}:{i}") for i, line in enumerate(lines, 1) if line.strip()
     ]
-    return validate_classes(classes, where=str(path))
+    return validate_classes(classes, where=str(path), allow_duplicates=allow_duplicates)
 
 
 def benchmark_classes(name: str) -> list[list[str]]:
-    """The class list of a benchmark (``"voc21"``, ``"ade20k"``, ...)."""
+    """The class list of a benchmark (``"voc21"``, ``"ade20k"``, ...), exactly as released.
+
+    Released lists may repeat a name across classes (coco_object: "bed"); it is kept, so
+    the query set matches the released protocol.
+    """
     key = name.lower().replace("-", "_")
     if key not in _BENCHMARK_FILES:
         close = difflib.get_close_matches(key, _BENCHMARK_FILES, n=3)
@@ -70,10 +78,12 @@ def benchmark_classes(name: str) -> list[list[str]]:
             f"Unknown benchmark {name!r}.{hint} Known: {', '.join(_BENCHMARK_FILES)}."
         )
     with resources.as_file(resources.files("sfp") / "data" / f"{key}.txt") as p:
-        return read_class_file(p)
+        return read_class_file(p, allow_duplicates=True)
 
 
-def validate_classes(classes: Sequence[Sequence[str]], where: str = "classes") -> list[list[str]]:
+def validate_classes(
+    classes: Sequence[Sequence[str]], where: str = "classes", allow_duplicates: bool = False
+) -> list[list[str]]:
     """Check a list of synonym lists: non-empty, no empty names, no name used twice."""
     if len(classes) == 0:
         raise ClassListError(f"{where}: the class list is empty.")
@@ -84,7 +94,7 @@ def validate_classes(classes: Sequence[Sequence[str]], where: str = "classes") -
         if not syns or any(not s for s in syns):
             raise ClassListError(f"{where}: class {ci} has an empty name ({list(syns)!r}).")
         for s in syns:
-            if s in seen:
+            if s in seen and not (allow_duplicates and seen[s] != ci):
                 other = seen[s]
                 raise ClassListError(
                     f"{where}: the name {s!r} appears in class {other} and class {ci}; "
