@@ -17,7 +17,8 @@ def test_uint8_rgb_roundtrip(tmp_path):
     t = io.load_image(tmp_path / "a.png")
     assert t.shape == (3, 20, 30) and t.dtype == torch.float32
     assert torch.allclose(t, torch.from_numpy(arr).permute(2, 0, 1).float() / 255)
-    assert torch.equal(io.load_image(arr), t) and torch.equal(io.load_image(Image.fromarray(arr)), t)
+    assert torch.equal(io.load_image(arr), t)
+    assert torch.equal(io.load_image(Image.fromarray(arr)), t)
 
 
 def test_grayscale_uint16_float_and_tensor():
