@@ -232,7 +232,7 @@ class Trace:
         return self._get(self._norms, layer, "token norms")
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-patch values (..., N) -> (..., gh, gw); a leading cls entry (T = N + 1) is dropped."""
+        """Per-patch values (..., N) -> (..., gh, gw); a leading cls entry (T = N+1) is dropped."""
         n = x.shape[-1]
         if n == self.num_patches + 1:
             x = x[..., 1:]
