@@ -1,0 +1,78 @@
+"""Tests of ``sfp demo``: the quick run writes the report, says which weights it used, prints
+the tables; without weights it falls back to the planted-outlier model and says so."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+
+from sfp import demo
+from sfp.figures import external_urls
+from sfp.models import WeightsUnavailableError
+
+
+def test_generated_scene():
+    img = demo.generated_scene()
+    assert img.shape == (224, 320, 3) and img.dtype == np.float32
+    assert 0 <= img.min() and img.max() <= 1
+    assert np.array_equal(img, demo.generated_scene())
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 100  # textured, not flat
+
+
+def test_demo_quick_writes_report_and_prints_tables(tmp_path, tiny_vit, monkeypatch, capsys):
+    from sfp import cli
+
+    monkeypatch.setattr(demo, "_load", lambda *a, **k: (tiny_vit, "Using tiny test weights."))
+    out = tmp_path / "demo_output"
+    rc = cli.main(["demo", "--quick", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = out / "report.html"
+    text = report.read_text(encoding="utf-8")
+    assert "Using tiny test weights." in text
+    for key in ("outlier_grid", "propagation", "norm_maps", "detector_agreement",
+                "stage_ablation", "layerwise_purification"):
+        assert (out / "astronaut" / f"{key}.png").is_file(), key
+        assert f'src="astronaut/{key}.png"' in text
+    assert (out / "som_detections.png").is_file()
+    assert text.count('class="what"') == 7  # a note on what to look at for every figure
+    assert external_urls(text) == []
+    assert not (out / "interactive.html").exists()  # --quick skips it
+
+    printed = capsys.readouterr().out
+    assert "Using tiny test weights." in printed
+    assert re.search(r"voc21\s+21\s+56\s+1\s+32", printed)  # classes, names, templates, dim
+    rows = [line for line in printed.splitlines()
+            if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+", line)]
+    assert len(rows) == tiny_vit.num_layers  # one row per layer
+    assert "SOM (" in printed and "cosine similarity" in printed
+    assert str(report.resolve()) in printed
+
+
+def test_demo_falls_back_to_planted_model(monkeypatch, tiny_vit):
+    import sfp.models
+    import sfp.synthetic
+
+    def no_weights(*args, **kwargs):
+        raise WeightsUnavailableError("no network and not in the local cache")
+
+    class Fake:
+        label = "tiny / synthetic (planted outliers)"
+
+    monkeypatch.setattr(sfp.models, "load_model", no_weights)
+    monkeypatch.setattr(sfp.synthetic, "planted_model", lambda name, device=None: (Fake(), None))
+    bundle, note = demo._load("ViT-B-16", synthetic=False, device=None, stream=io.StringIO())
+    assert isinstance(bundle, Fake)
+    assert note.startswith("No pretrained weights: no network")
+    assert "synthetic (planted outliers)" in note and "SFP_CHECKPOINT" in note
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["demo", "--quick", "--out", "x", "--synthetic"]])
+def test_demo_parser(argv):
+    from sfp.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.out in ("demo_output", "x")
+    assert callable(args.func)
