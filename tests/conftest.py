@@ -45,3 +45,12 @@ def vit_s16() -> ModelBundle:
 def tiny_vit() -> ModelBundle:
     """A 6-block, 64-wide ViT: for depth-dependent logic and fast tests."""
     return make_tiny_bundle()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_registries(monkeypatch):
+    """Detectors or encoders a test registers do not leak into later tests."""
+    from sfp import encoders, outliers
+
+    monkeypatch.setattr(outliers, "_REGISTRY", dict(outliers._REGISTRY))
+    monkeypatch.setattr(encoders, "_REGISTRY", dict(encoders._REGISTRY))
