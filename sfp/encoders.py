@@ -29,7 +29,6 @@ Other encoders can be added with :func:`register_encoder`.
 from __future__ import annotations
 
 import difflib
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -211,16 +210,8 @@ def make_encoder(bundle: ModelBundle, method: str = "sfp", config: Any = None) -
 
 def _make_sfp(bundle: ModelBundle, config: Any) -> Encoder:
     """Factory of ``"sfp"``: :class:`sfp.purify.SFPEncoder` (imported when first asked for)."""
-    try:
-        purify = importlib.import_module("sfp.purify")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("sfp.purify", "sfp.config"):
-            raise
-        raise ImportError(
-            "The 'sfp' encoder lives in sfp/purify.py, which this installation does not have "
-            f"({exc}); the baselines {', '.join(m for m in available_methods() if m != 'sfp')} "
-            "work without it."
-        ) from exc
+    from sfp import purify
+
     if isinstance(config, str):
         from sfp.config import SFPConfig
 

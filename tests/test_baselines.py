@@ -34,11 +34,6 @@ METHODS = ("sfp", "clip", "maskclip", "sclip", "clearclip", "naclip")
 BASELINES = METHODS[1:]
 
 
-def _skip_if_no_sfp(method: str) -> None:
-    if method == "sfp":
-        pytest.importorskip("sfp.purify", reason="sfp/purify.py (the SFP encoder) not present yet")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """One torch thread here: these small ops gain little from two, and on a shared 2-core
@@ -273,7 +268,6 @@ def test_gaussian_bias_equals_release_construction(grid, std):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_shapes_dtype_every_method(tiny, vitb, method):
-    _skip_if_no_sfp(method)
     # square on the small model, non-square (224 x 320 -> 14 x 20 = 280 patches) on ViT-B/16
     for bundle, (b, h, w), n, grid, dim in [
         (tiny, (2, 224, 224), 196, (14, 14), 32),
@@ -306,7 +300,6 @@ def test_clip_matches_hand_forward_and_open_clip(tiny):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_equals_single(tiny, method):
-    _skip_if_no_sfp(method)
     enc = make_encoder(tiny, method)
     images = _images(3, 160, 224, seed=3)
     batch = enc(images)
@@ -379,18 +372,7 @@ def test_config_validation():
         NACLIPConfig().gaussian_std = 3.0  # type: ignore[misc]
 
 
-def test_sfp_without_purify_says_so(tiny):
-    try:
-        import sfp.purify  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(ImportError, match="sfp/purify.py"):
-            make_encoder(tiny, "sfp")
-    else:
-        pytest.skip("sfp.purify exists; covered by the 'sfp' cases")
-
-
 def test_sfp_presets_by_name(tiny):
-    pytest.importorskip("sfp.purify", reason="sfp/purify.py (the SFP encoder) not present yet")
     from sfp.config import SFPConfig
 
     assert make_encoder(tiny, "sfp").config == SFPConfig.official()
