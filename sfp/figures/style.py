@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
+from sfp.synthetic import SYNTHETIC_LABEL
+
 __all__ = [
     "ATTENTION_CMAP",
     "ATTENTION_UNIT",
@@ -51,8 +53,8 @@ __all__ = [
     "wrap_title",
 ]
 
-#: Wording every figure of the planted-outlier model carries (also in ``bundle.pretrained``).
-SYNTHETIC_TAG = "synthetic (planted outliers)"
+#: Wording every figure of the planted-outlier model carries (it is ``bundle.pretrained``).
+SYNTHETIC_TAG = SYNTHETIC_LABEL
 #: Colour-bar labels (the units of what is shown).
 ATTENTION_UNIT = "attention prob."
 NORM_UNIT = "token L2 norm ‖h‖₂"

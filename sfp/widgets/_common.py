@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sfp.models import OPENAI_MEAN, OPENAI_STD
+from sfp.synthetic import SYNTHETIC_LABEL
 
 __all__ = [
     "SYNTHETIC_LABEL",
@@ -45,8 +46,6 @@ __all__ = [
     "torch_threads",
 ]
 
-#: How everything computed from :mod:`sfp.synthetic` models is labelled.
-SYNTHETIC_LABEL = "synthetic (planted outliers)"
 
 
 # --------------------------------------------------------------------------------------------
