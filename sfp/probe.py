@@ -192,6 +192,22 @@ class Trace:
         return self.grid[0] * self.grid[1]
 
     @property
+    def has_attention(self) -> bool:
+        """Whether attention was stored (``record(..., store=("attention", ...))``)."""
+        return bool(self._attention)
+
+    @property
+    def has_hidden(self) -> bool:
+        """Whether hidden states were stored (``record(..., store=("hidden", ...))``)."""
+        return bool(self._hidden)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) in pixels of the recorded input."""
+        h, w = self.meta["image_size"]
+        return int(h), int(w)
+
+    @property
     def num_heads(self) -> int:
         """Heads stored per layer (1 when recorded with heads="mean")."""
         if not self._attention:

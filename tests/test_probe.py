@@ -70,6 +70,9 @@ def test_head_mean_and_store_options(tiny_vit):
     assert torch.allclose(mean.attention(4)[:, 0], full.attention(4).mean(1), atol=1e-6)
     with pytest.raises(TraceError, match="hidden was not stored"):
         mean.hidden(4)
+    assert (full.has_attention, full.has_hidden) == (True, True)
+    assert (mean.has_attention, mean.has_hidden) == (True, False)
+    assert mean.image_size == (64, 64)
     assert torch.allclose(mean.token_norms(4), full.hidden(4).norm(dim=-1), atol=1e-5)
     assert mean.nbytes < full.nbytes
 

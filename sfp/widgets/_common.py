@@ -44,6 +44,7 @@ __all__ = [
     "sync_figure",
     "stopwatch",
     "torch_threads",
+    "trace_geometry",
 ]
 
 
@@ -81,6 +82,13 @@ def describe_source(obj: Any) -> str:
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
+
+
+def trace_geometry(trace: Any) -> tuple[tuple[int, int], tuple[int, int], tuple[float, float]]:
+    """(grid (gh, gw), image size (H, W) px, patch size (px_h, px_w)) of a recorded trace."""
+    grid = (int(trace.grid[0]), int(trace.grid[1]))
+    image_size = trace.image_size
+    return grid, image_size, (image_size[0] / grid[0], image_size[1] / grid[1])
 
 
 def _fit(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -38,6 +38,7 @@ from sfp.widgets._common import (
     patch_centers,
     png_data_uri,
     static_copy,
+    trace_geometry,
 )
 
 __all__ = ["MAPS", "OutlierExplorer", "PARAMETERS", "layer_slider_for", "truth_vector"]
@@ -141,13 +142,10 @@ class OutlierExplorer(SFPWidget):
         super().__init__()
         self.trace = trace
         self.index = int(index)
-        self.grid: tuple[int, int] = (int(trace.grid[0]), int(trace.grid[1]))
+        self.grid, self.image_size, self.patch_px = trace_geometry(trace)
         n = self.grid[0] * self.grid[1]
-        img_size = trace.meta.get("image_size") or [16 * self.grid[0], 16 * self.grid[1]]
-        self.image_size: tuple[int, int] = (int(img_size[0]), int(img_size[1]))
-        self.patch_px = (self.image_size[0] / self.grid[0], self.image_size[1] / self.grid[1])
-        self.has_attention = bool(getattr(trace, "_attention", {}))
-        self.has_hidden = bool(getattr(trace, "_hidden", {}))
+        self.has_attention = trace.has_attention
+        self.has_hidden = trace.has_hidden
         self.truth = truth_vector(truth, self.index, n, image)
         self.selected_patch: int | None = (self.grid[0] // 2) * self.grid[1] + self.grid[1] // 2
         self.last_error: str | None = None

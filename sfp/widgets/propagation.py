@@ -31,6 +31,7 @@ from sfp.widgets._common import (
     patch_centers,
     png_data_uri,
     static_copy,
+    trace_geometry,
 )
 from sfp.widgets.explorer import layer_slider_for, truth_vector
 
@@ -73,13 +74,10 @@ class PropagationView(SFPWidget):
         super().__init__()
         self.trace = trace
         self.index = int(index)
-        self.grid: tuple[int, int] = (int(trace.grid[0]), int(trace.grid[1]))
+        self.grid, self.image_size, self.patch_px = trace_geometry(trace)
         n = self.grid[0] * self.grid[1]
-        img_size = trace.meta.get("image_size") or [16 * self.grid[0], 16 * self.grid[1]]
-        self.image_size = (int(img_size[0]), int(img_size[1]))
-        self.patch_px = (self.image_size[0] / self.grid[0], self.image_size[1] / self.grid[1])
-        self.has_attention = bool(getattr(trace, "_attention", {}))
-        if not getattr(trace, "_hidden", {}):
+        self.has_attention = trace.has_attention
+        if not trace.has_hidden:
             raise ValueError(
                 "PropagationView needs hidden states; record(bundle, images, "
                 "store=('attention', 'hidden'))"
