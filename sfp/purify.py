@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from sfp import vit
+from sfp.baselines import attend, correlative_probs
 from sfp.config import ResolvedConfig, SFPConfig
 from sfp.encoders import Encoder
 from sfp.outliers import MitigationReport, get_detector, mitigate_with_report
@@ -121,17 +122,12 @@ def _official_attention(
     a_m = torch.softmax(m, dim=-1).unsqueeze(1)
     if not mixture:
         return a_m.expand(-1, q.shape[1], -1, -1)
-    scale = q.shape[-1] ** -0.5
-    qf, kf = q.float(), k.float()
-    a_q = torch.softmax((qf @ qf.transpose(-1, -2)) * scale, dim=-1)
-    a_k = torch.softmax((kf @ kf.transpose(-1, -2)) * scale, dim=-1)
-    return (a_k + a_q + a_m) / 3
+    return (correlative_probs(q, k) + a_m) / 3
 
 
 def _attend(block: nn.Module, attn: Tensor, v: Tensor) -> Tensor:
     """out_proj(attn @ v): attn (B, H, N, N) float32, v (B, H, N, d) -> (B, N, C), v's dtype."""
-    o = (attn @ v.float()).to(v.dtype)
-    return vit.merge_heads(block, o)
+    return vit.merge_heads(block, attend(attn, v))
 
 
 def sae_official(
