@@ -115,11 +115,7 @@ class _quiet:
 
 
 def _as_data(source: Any, kwargs: dict[str, Any]) -> AgreementData:
-    if isinstance(source, AgreementData):
-        if kwargs:
-            raise TypeError("pass either AgreementData or a trace with options, not both")
-        return source
-    return agreement_data(source, **kwargs)
+    return style.data_or_build(source, AgreementData, agreement_data, (), kwargs)
 
 
 def _title(d: AgreementData) -> str:

@@ -142,6 +142,28 @@ def _entry_html(e: IndexEntry) -> str:
     return "\n".join(parts)
 
 
+def _heading(title: str, banner: str, synthetic: bool) -> list[str]:
+    """The page title and, when given, the banner (a warning colour for synthetic models)."""
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if banner:
+        cls = "synthetic" if synthetic else "real"
+        parts.append(f'<div class="banner {cls}">{html.escape(banner)}</div>')
+    return parts
+
+
+def _write_page(path: str | Path, title: str, body: Sequence[str], head_extra: str = "") -> Path:
+    """Write a complete HTML document with the shared style sheet; returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style>\n{head_extra}</head>\n"
+        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
 def write_html_page(
     path: str | Path,
     title: str,
@@ -156,23 +178,11 @@ def write_html_page(
     banner: a highlighted sentence at the top (e.g. which weights were used); ``synthetic``
     colours it as a warning. intro_html: raw HTML placed after the banner.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cls = "synthetic" if synthetic else "real"
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    if banner:
-        body.append(f'<div class="banner {cls}">{html.escape(banner)}</div>')
+    body = _heading(title, banner, synthetic)
     if intro_html:
         body.append(intro_html)
     body.extend(_entry_html(e) for e in entries)
-    page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
-    )
-    path.write_text(page, encoding="utf-8")
-    return path
+    return _write_page(path, title, body)
 
 
 def write_plotly_page(
@@ -191,12 +201,7 @@ def write_plotly_page(
     """
     from plotly.offline import get_plotlyjs
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cls = "synthetic" if synthetic else "real"
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    if banner:
-        parts.append(f'<div class="banner {cls}">{html.escape(banner)}</div>')
+    parts = _heading(title, banner, synthetic)
     for i, (heading, fig) in enumerate(figures):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if notes is not None and i < len(notes) and notes[i]:
@@ -205,12 +210,5 @@ def write_plotly_page(
             fig.to_html(full_html=False, include_plotlyjs=False, config=PLOTLY_CONFIG,
                         div_id=f"fig{i}")
         )
-    page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style>\n"
-        f'<script type="text/javascript">{get_plotlyjs()}</script>\n</head>\n<body>\n'
-        + "\n".join(parts)
-        + "\n</body></html>\n"
-    )
-    path.write_text(page, encoding="utf-8")
-    return path
+    script = f'<script type="text/javascript">{get_plotlyjs()}</script>\n'
+    return _write_page(path, title, parts, head_extra=script)

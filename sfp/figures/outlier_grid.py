@@ -165,11 +165,7 @@ def outlier_grid_data(
 
 
 def _as_data(source: Any, image: Any, kwargs: dict[str, Any]) -> OutlierGridData:
-    if isinstance(source, OutlierGridData):
-        if kwargs or image is not None:
-            raise TypeError("pass either OutlierGridData or a trace with options, not both")
-        return source
-    return outlier_grid_data(source, image, **kwargs)
+    return style.data_or_build(source, OutlierGridData, outlier_grid_data, (image,), kwargs)
 
 
 def _title(d: OutlierGridData) -> str:

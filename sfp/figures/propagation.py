@@ -155,11 +155,7 @@ def propagation_data(
 
 
 def _as_data(source: Any, image: Any, kwargs: dict[str, Any]) -> PropagationData:
-    if isinstance(source, PropagationData):
-        if kwargs or image is not None:
-            raise TypeError("pass either PropagationData or a trace with options, not both")
-        return source
-    return propagation_data(source, image, **kwargs)
+    return style.data_or_build(source, PropagationData, propagation_data, (image,), kwargs)
 
 
 def _layer_range(layers: Sequence[int]) -> str:

@@ -49,6 +49,7 @@ __all__ = [
     "plotly_image",
     "plotly_title",
     "show_map",
+    "data_or_build",
     "to_numpy",
     "wrap_title",
 ]
@@ -114,6 +115,25 @@ def new_figure(width: float, height: float, **kwargs: Any) -> Figure:
     """A pyplot-free figure of ``width x height`` inches with constrained layout."""
     kwargs.setdefault("layout", "constrained")
     return Figure(figsize=(width, height), **kwargs)
+
+
+def data_or_build(
+    source: Any, data_type: type, build: Any, args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """``source`` if it already is ``data_type``, else ``build(source, *args, **kwargs)``.
+
+    Options (non-None ``args``, any ``kwargs``) only make sense when building, so giving them
+    with ready data is a TypeError.
+    """
+    kwargs = kwargs or {}
+    if isinstance(source, data_type):
+        if kwargs or any(a is not None for a in args):
+            raise TypeError(
+                f"pass either {data_type.__name__} or a trace with options, not both"
+            )
+        return source
+    return build(source, *args, **kwargs)
 
 
 def to_numpy(x: Any) -> np.ndarray:
