@@ -446,3 +446,22 @@ def test_cli_figures_checks_inputs_before_loading(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit, match="unknown --detector 'nope'"):
         cli.main(["figures", "--image", str(img), "--out", str(tmp_path / "o"), "--detector",
                   "nope"])
+
+
+def test_data_or_build_refuses_options_with_ready_data():
+    from dataclasses import dataclass as _dc
+
+    from sfp.figures.style import data_or_build
+
+    @_dc
+    class Ready:
+        value: int
+
+    built = data_or_build(3, Ready, lambda s, k=1: Ready(s * k), (), {"k": 2})
+    assert built == Ready(6)
+    ready = Ready(1)
+    assert data_or_build(ready, Ready, None, (None,), {}) is ready
+    with pytest.raises(TypeError, match="pass either Ready or a trace with options"):
+        data_or_build(ready, Ready, None, ("image",), {})
+    with pytest.raises(TypeError, match="not both"):
+        data_or_build(ready, Ready, None, (), {"k": 2})
