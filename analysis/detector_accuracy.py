@@ -1,10 +1,10 @@
 """Detector accuracy against planted ground truth (synthetic model, planted outliers).
 
 For 20 images (scikit-image photos with crops and flips, and generated scenes) this records a
-:func:`sfp.synthetic.planted_model` (a random CLIP with *planted* outliers, not pretrained
-weights) and scores every registered detector of :mod:`sfp.outliers` at every layer against
+:func:`sfp.models.synthetic.planted_model` (a random CLIP with *planted* outliers, not pretrained
+weights) and scores every registered detector of :mod:`sfp.core.outliers` at every layer against
 ``PlantedTruth.mask``: precision and recall, pooled over the images (micro-averaged). It also
-applies :func:`sfp.outliers.mitigate` at the SOM detections of layer L-1 and reports the
+applies :func:`sfp.core.outliers.mitigate` at the SOM detections of layer L-1 and reports the
 largest patch norm over the median patch norm before and after.
 
     python analysis/detector_accuracy.py [--model ViT-B-16] [--seed 0]
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from sfp import io, probe
-from sfp.models import ModelBundle
-from sfp.outliers import available_detectors, detect, mitigate, som
-from sfp.synthetic import PlantedTruth, planted_model, synthetic_scene
+from sfp.core import io, probe
+from sfp.core.outliers import available_detectors, detect, mitigate, som
+from sfp.models.loading import ModelBundle
+from sfp.models.synthetic import PlantedTruth, planted_model, synthetic_scene
 
 N_IMAGES = 20
 CROP = 224

@@ -14,10 +14,15 @@ import sys
 
 import torch
 
-from sfp.figures import agreement_data, detector_agreement, detector_agreement_plotly, save_figure
-from sfp.figures.cli import script_inputs, script_parser
-from sfp.figures.export import write_plotly_page
-from sfp.probe import record
+from sfp.cli.figures import script_inputs, script_parser
+from sfp.core.probe import record
+from sfp.viz.figures import (
+    agreement_data,
+    detector_agreement,
+    detector_agreement_plotly,
+    save_figure,
+)
+from sfp.viz.figures.export import write_plotly_page
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from sfp.figures import (
+from sfp.cli.figures import _layers, script_inputs, script_parser
+from sfp.viz.figures import (
     layerwise_data,
     layerwise_purification,
     layerwise_purification_plotly,
@@ -20,8 +21,7 @@ from sfp.figures import (
     som_detections_data,
     som_detections_plotly,
 )
-from sfp.figures.cli import _layers, script_inputs, script_parser
-from sfp.figures.export import write_plotly_page
+from sfp.viz.figures.export import write_plotly_page
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import sys
 
-from sfp.figures import outlier_grid, outlier_grid_data, outlier_grid_plotly, save_figure
-from sfp.figures.cli import _head, _layers, _patch, script_inputs, script_parser
-from sfp.figures.export import write_plotly_page
-from sfp.probe import record
+from sfp.cli.figures import _head, _layers, _patch, script_inputs, script_parser
+from sfp.core.probe import record
+from sfp.viz.figures import outlier_grid, outlier_grid_data, outlier_grid_plotly, save_figure
+from sfp.viz.figures.export import write_plotly_page
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from sfp.figures import (
+from sfp.cli.figures import script_inputs, script_parser
+from sfp.core.probe import record
+from sfp.viz.figures import (
     norm_maps,
     norm_maps_plotly,
     propagation,
@@ -19,9 +21,7 @@ from sfp.figures import (
     propagation_plotly,
     save_figure,
 )
-from sfp.figures.cli import script_inputs, script_parser
-from sfp.figures.export import write_plotly_page
-from sfp.probe import record
+from sfp.viz.figures.export import write_plotly_page
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from sfp.figures import save_figure, stage_ablation, stage_ablation_data, stage_ablation_plotly
-from sfp.figures.cli import script_inputs, script_parser
-from sfp.figures.export import write_plotly_page
-from sfp.segment import TEMPLATE_SETS
+from sfp.cli.figures import script_inputs, script_parser
+from sfp.seg.pipeline import TEMPLATE_SETS
+from sfp.viz.figures import save_figure, stage_ablation, stage_ablation_data, stage_ablation_plotly
+from sfp.viz.figures.export import write_plotly_page
 
 
 def main(argv: list[str] | None = None) -> int:

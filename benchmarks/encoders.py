@@ -4,7 +4,7 @@
                                   [--threads N] [--no-memory]
 
 Rows: open_clip's own ``model.encode_image`` (the reference: one pooled vector per crop), then
-the dense encoders from :func:`sfp.encoders.make_encoder`: ``clip``, ``sfp`` with
+the dense encoders from :func:`sfp.methods.encoders.make_encoder`: ``clip``, ``sfp`` with
 ``SFPConfig.official()`` and ``SFPConfig.paper()``, ``sclip``, ``clearclip``, ``naclip`` and
 ``maskclip``. The model has random weights (``pretrained=None``): speed and memory do not depend
 on the weights, and no download is needed.
@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from sfp.encoders import make_encoder  # noqa: E402
-from sfp.models import ModelBundle, load_model  # noqa: E402
+from sfp.methods.encoders import make_encoder  # noqa: E402
+from sfp.models.loading import ModelBundle, load_model  # noqa: E402
 
 REFERENCE = "open_clip encode_image"
 METHODS = (
@@ -80,7 +80,7 @@ def build(label: str, bundle: ModelBundle) -> Runner:
 
         return reference
     if label.startswith("sfp"):
-        from sfp.config import SFPConfig
+        from sfp.methods.config import SFPConfig
 
         preset = label.split()[1]
         return make_encoder(bundle, "sfp", getattr(SFPConfig, preset)())

@@ -19,14 +19,14 @@ import time
 
 import torch
 
-from sfp import vit
-from sfp.models import load_model
-from sfp.probe import record
+from sfp.core import forward
+from sfp.core.probe import record
+from sfp.models.loading import load_model
 
 
 def _plain(bundle, x: torch.Tensor) -> int:
     with torch.inference_mode():
-        vit.encode_image(bundle.visual, x)
+        forward.encode_image(bundle.visual, x)
     return 0
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.getLogger("sfp.models").setLevel(logging.ERROR)
+    logging.getLogger("sfp.models.loading").setLevel(logging.ERROR)
     bundle = load_model(args.model, pretrained=None, device="cpu")
     variants = {"plain forward": _plain, "record, all heads": _record("all"),
                 "record, head mean": _record("mean")}

@@ -4,7 +4,7 @@
                                  [--device cpu] [--methods clip sfp-official ...]
 
 One 336 x 500 image (already at the inference size, so no resizing: 2 x 4 = 8 windows of
-224 x 224, stride 112) is segmented with :class:`sfp.segment.Segmenter` (voc21 classes,
+224 x 224, stride 112) is segmented with :class:`sfp.seg.pipeline.Segmenter` (voc21 classes,
 ``"a photo of a {}."``: the text queries are embedded once, in the warm-up, and not timed)
 for every dense encoder (``clip``, ``sfp`` official and paper presets, ``sclip``,
 ``clearclip``, ``naclip``, ``maskclip``), with ``batch_size=8`` (all windows in one encoder
@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from sfp.encoders import available_methods  # noqa: E402
-from sfp.models import load_model  # noqa: E402
-from sfp.segment import Segmenter, inference_size, slide_windows  # noqa: E402
+from sfp.methods.encoders import available_methods  # noqa: E402
+from sfp.models.loading import load_model  # noqa: E402
+from sfp.seg.pipeline import Segmenter, inference_size, slide_windows  # noqa: E402
 
 METHODS = ("clip", "sfp-official", "sfp-paper", "sclip", "clearclip", "naclip", "maskclip")
 

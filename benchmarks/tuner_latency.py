@@ -1,4 +1,4 @@
-"""Latency of the ThresholdTuner's controls (sfp.widgets.ThresholdTuner), printed as a table.
+"""Latency of the ThresholdTuner's controls (sfp.viz.widgets.ThresholdTuner), printed as a table.
 
     python benchmarks/tuner_latency.py                  # ViT-B-16, one 224 x 224 image
     python benchmarks/tuner_latency.py --images 3 --repeats 30 --threads 2
@@ -22,9 +22,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from sfp.io import sample_images
-from sfp.models import load_model
-from sfp.widgets import ThresholdTuner
+from sfp.core.io import sample_images
+from sfp.models.loading import load_model
+from sfp.viz.widgets import ThresholdTuner
 
 CLASSES = "background, wall, table; cup, coffee; person, astronaut; cat; flag"
 POST_TARGET_S = 0.100
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="changes per row")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
-    logging.getLogger("sfp.models").setLevel(logging.ERROR)
+    logging.getLogger("sfp.models.loading").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,37 +1,46 @@
 """sfp: Self-adaptive Feature Purification (SFP) for CLIP ViTs.
 
 Also the instruments to study attention outliers: probes, detectors, figures and widgets.
-The names below are imported lazily, so ``import sfp`` stays cheap.
+The package is layered, each layer building only on the ones before it::
+
+    sfp.core     the visual forward with hook points, probes, outlier detectors, registries
+    sfp.models   loading CLIP models, text queries, the planted-outlier model
+    sfp.methods  dense encoders (SFP and baselines), SFP presets, the stage ladder
+    sfp.seg      the segmentation pipeline, benchmarks, metrics, evaluation
+    sfp.viz      figures, widgets, the demo report
+    sfp.cli      the ``sfp`` command line
+
+Everything here is imported lazily (``import sfp`` stays cheap): ``sfp.core.probe`` or
+``sfp.record`` import their module on first use.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sfp._lazy import attach
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "sfp.models",
-    "ModelBundle": "sfp.models",
-    "WeightsUnavailableError": "sfp.models",
-    "ModelLoadError": "sfp.models",
-    "ImageError": "sfp.io",
-    "load_image": "sfp.io",
-    "record": "sfp.probe",
-    "Trace": "sfp.probe",
-    "embed_queries": "sfp.text",
-    "SFPConfig": "sfp.config",
-    "SFPEncoder": "sfp.purify",
-    "make_encoder": "sfp.encoders",
-    "Segmenter": "sfp.segment",
-    "planted_model": "sfp.synthetic",
+    "load_model": "sfp.models.loading",
+    "ModelBundle": "sfp.models.loading",
+    "WeightsUnavailableError": "sfp.models.loading",
+    "ModelLoadError": "sfp.models.loading",
+    "SFPError": "sfp.core.errors",
+    "ImageError": "sfp.core.io",
+    "load_image": "sfp.core.io",
+    "hook_names": "sfp.core.forward",
+    "run_with_hooks": "sfp.core.forward",
+    "record": "sfp.core.probe",
+    "Trace": "sfp.core.probe",
+    "embed_queries": "sfp.models.text",
+    "planted_model": "sfp.models.synthetic",
+    "SFPConfig": "sfp.methods.config",
+    "SFPEncoder": "sfp.methods.purify",
+    "make_encoder": "sfp.methods.encoders",
+    "Segmenter": "sfp.seg.pipeline",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'sfp' has no attribute {name!r}")
+__getattr__, __dir__ = attach(__name__, ("core", "models", "methods", "seg", "viz", "cli"),
+                              _EXPORTS)

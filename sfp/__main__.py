@@ -1,5 +1,5 @@
 """`python -m sfp` runs the command line."""
 
-from sfp.cli import main
+from sfp.cli.app import main
 
 raise SystemExit(main())

@@ -8,9 +8,9 @@ import open_clip
 import pytest
 import torch
 
-from sfp.models import ModelBundle, bundle_from_model, load_model
+from sfp.models.loading import ModelBundle, bundle_from_model, load_model
 
-logging.getLogger("sfp.models").setLevel(logging.ERROR)
+logging.getLogger("sfp.models.loading").setLevel(logging.ERROR)
 
 
 def make_tiny_bundle(layers: int = 6, width: int = 64, heads: int = 4, patch: int = 16,
@@ -50,7 +50,8 @@ def tiny_vit() -> ModelBundle:
 @pytest.fixture(autouse=True)
 def _isolated_registries(monkeypatch):
     """Detectors or encoders a test registers do not leak into later tests."""
-    from sfp import encoders, outliers
+    from sfp.core import outliers
+    from sfp.methods import encoders
 
     monkeypatch.setattr(outliers, "_REGISTRY", dict(outliers._REGISTRY))
     monkeypatch.setattr(encoders, "_REGISTRY", dict(encoders._REGISTRY))

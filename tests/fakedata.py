@@ -2,7 +2,7 @@
 
 ``make_fake_dataset(name, base)`` writes ``n`` random images and label PNGs under ``base``
 in the layout of benchmark ``name`` and returns the root to pass to
-``sfp.datasets.load_dataset(name, root)``.
+``sfp.seg.datasets.load_dataset(name, root)``.
 
 Every raw label map holds valid class values, the ignore value 255 (pixel ``[0, 0]``) and,
 for ``reduce_zero_label`` benchmarks, raw 0s (pixel ``[0, 1]``; they become 255 when read).
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sfp.datasets import BENCHMARKS, DATASETS
+from sfp.seg.datasets import BENCHMARKS, DATASETS
 
 __all__ = ["FAKE_ROOTS", "fake_ids", "make_fake_dataset", "voc_palette", "write_label"]
 
@@ -80,7 +80,7 @@ def make_fake_dataset(
     """Write ``n`` fake samples of benchmark ``name`` under ``root``; return the dataset root.
 
     Args:
-        name: one of ``sfp.datasets.BENCHMARKS``.
+        name: one of ``sfp.seg.datasets.BENCHMARKS``.
         root: base folder; the dataset goes to ``root / FAKE_ROOTS[name]``.
         n: number of samples (all listed in the split file, where the benchmark has one).
         size: ``(H, W)`` of every image and label.

@@ -1,4 +1,4 @@
-"""Tests of sfp.encoders (contract, registry) and sfp.baselines (CLIP, MaskCLIP, SCLIP,
+"""Tests of sfp.methods.encoders (contract, registry) and sfp.methods.baselines (CLIP, MaskCLIP, SCLIP,
 ClearCLIP, NACLIP).
 
 The modified last blocks are checked against computations written here from the block's raw
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-from sfp import encoders, vit
-from sfp.baselines import (
+from sfp.core import forward
+from sfp.methods import encoders
+from sfp.methods.baselines import (
     ClearCLIPConfig,
     MaskCLIPConfig,
     NACLIPConfig,
@@ -27,8 +28,8 @@ from sfp.baselines import (
     correlative_probs,
     gaussian_neighbourhood_bias,
 )
-from sfp.encoders import Encoder, available_methods, make_encoder, register_encoder
-from sfp.models import ModelBundle, bundle_from_model, load_model
+from sfp.methods.encoders import Encoder, available_methods, make_encoder, register_encoder
+from sfp.models.loading import ModelBundle, bundle_from_model, load_model
 
 METHODS = ("sfp", "clip", "maskclip", "sclip", "clearclip", "naclip")
 BASELINES = METHODS[1:]
@@ -77,7 +78,7 @@ def _images(b: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
 def _h_before_last(bundle: ModelBundle, images: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """h_{L-1} through open_clip's own (batch-first) blocks, after sfp's embedding."""
     visual = bundle.visual
-    x, grid = vit.embed(visual, images)
+    x, grid = forward.embed(visual, images)
     with torch.no_grad():
         for blk in visual.transformer.resblocks[:-1]:
             x = blk(x)
@@ -287,14 +288,14 @@ def test_shapes_dtype_every_method(tiny, vitb, method):
 def test_clip_matches_hand_forward_and_open_clip(tiny):
     images = _images(2, 224, 224)
     enc = make_encoder(tiny, "clip")
-    x, _ = vit.embed(tiny.visual, images)
+    x, _ = forward.embed(tiny.visual, images)
     with torch.no_grad():
         for blk in tiny.visual.transformer.resblocks:
             x = blk(x)
-        expected = vit.project_patches(tiny.visual, x[:, 1:])
+        expected = forward.project_patches(tiny.visual, x[:, 1:])
         reference = tiny.model.encode_image(images)
     torch.testing.assert_close(enc.encode_patches(images), expected, rtol=1e-4, atol=1e-5)
-    pooled = vit.pool(tiny.visual, enc.encode_tokens(images))
+    pooled = forward.pool(tiny.visual, enc.encode_tokens(images))
     torch.testing.assert_close(pooled, reference, rtol=1e-4, atol=1e-5)
 
 
@@ -373,7 +374,7 @@ def test_config_validation():
 
 
 def test_sfp_presets_by_name(tiny):
-    from sfp.config import SFPConfig
+    from sfp.methods.config import SFPConfig
 
     assert make_encoder(tiny, "sfp").config == SFPConfig.official()
     assert make_encoder(tiny, "sfp", "paper").config == SFPConfig.paper()

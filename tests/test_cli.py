@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sfp import __version__
-from sfp.cli import main
+from sfp.cli.app import main
 
 
 def test_version(capsys):

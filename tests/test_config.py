@@ -1,4 +1,4 @@
-"""Tests of sfp.config: presets, derived layers, validation, serialisation."""
+"""Tests of sfp.methods.config: presets, derived layers, validation, serialisation."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from sfp import outliers
-from sfp.config import ConfigError, SFPConfig, derive_layer
+from sfp.core import outliers
+from sfp.methods.config import ConfigError, SFPConfig, derive_layer
 
 
 def test_official_preset_holds_the_release_numbers() -> None:

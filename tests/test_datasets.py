@@ -1,4 +1,4 @@
-"""Tests for sfp.datasets on tiny fake benchmarks built in tmp_path."""
+"""Tests for sfp.seg.datasets on tiny fake benchmarks built in tmp_path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from fakedata import FAKE_ROOTS, make_fake_dataset, write_label
 from PIL import Image
 
-from sfp.datasets import (
+from sfp.seg.datasets import (
     BENCHMARKS,
     DATASETS,
     DatasetLayoutError,

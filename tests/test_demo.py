@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from sfp import demo
-from sfp.figures import external_urls
-from sfp.models import WeightsUnavailableError
+from sfp.models.loading import WeightsUnavailableError
+from sfp.viz import demo
+from sfp.viz.figures import external_urls
 
 
 def test_generated_scene():
@@ -23,7 +23,7 @@ def test_generated_scene():
 
 
 def test_demo_quick_writes_report_and_prints_tables(tmp_path, tiny_vit, monkeypatch, capsys):
-    from sfp import cli
+    import sfp.cli.app as cli
 
     monkeypatch.setattr(demo, "_load", lambda *a, **k: (tiny_vit, "Using tiny test weights."))
     out = tmp_path / "demo_output"
@@ -52,8 +52,8 @@ def test_demo_quick_writes_report_and_prints_tables(tmp_path, tiny_vit, monkeypa
 
 
 def test_demo_falls_back_to_planted_model(monkeypatch, tiny_vit):
-    import sfp.models
-    import sfp.synthetic
+    import sfp.models.loading
+    import sfp.models.synthetic
 
     def no_weights(*args, **kwargs):
         raise WeightsUnavailableError("no network and not in the local cache")
@@ -61,8 +61,8 @@ def test_demo_falls_back_to_planted_model(monkeypatch, tiny_vit):
     class Fake:
         label = "tiny / synthetic (planted outliers)"
 
-    monkeypatch.setattr(sfp.models, "load_model", no_weights)
-    monkeypatch.setattr(sfp.synthetic, "planted_model", lambda name, device=None: (Fake(), None))
+    monkeypatch.setattr(sfp.models.loading, "load_model", no_weights)
+    monkeypatch.setattr(sfp.models.synthetic, "planted_model", lambda name, device=None: (Fake(), None))
     bundle, note = demo._load("ViT-B-16", synthetic=False, device=None, stream=io.StringIO())
     assert isinstance(bundle, Fake)
     assert note.startswith("No pretrained weights: no network")
@@ -71,7 +71,7 @@ def test_demo_falls_back_to_planted_model(monkeypatch, tiny_vit):
 
 @pytest.mark.parametrize("argv", [["demo"], ["demo", "--quick", "--out", "x", "--synthetic"]])
 def test_demo_parser(argv):
-    from sfp.cli import build_parser
+    from sfp.cli.app import build_parser
 
     args = build_parser().parse_args(argv)
     assert args.out in ("demo_output", "x")

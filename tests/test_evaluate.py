@@ -1,8 +1,8 @@
-"""Tests of sfp.evaluate: ``sfp segment``, ``sfp eval`` (fake datasets in every layout family,
+"""Tests of sfp.seg.evaluate: ``sfp segment``, ``sfp eval`` (fake datasets in every layout family,
 resume after interruption, stale-state refusal, error messages), ``sfp prepare``, and a
 2-process gloo run under torchrun that must equal the single-process result.
 
-In-process runs use the tiny random CLIP of conftest (``sfp.cli.load_bundle_from_args`` is
+In-process runs use the tiny random CLIP of conftest (``sfp.cli.app.load_bundle_from_args`` is
 patched); the torchrun test uses a random ViT-B-16 (seeded by ``--seed``) in subprocesses.
 """
 
@@ -22,12 +22,12 @@ import torch
 from fakedata import make_fake_dataset
 from PIL import Image
 
-from sfp import cli
-from sfp.datasets import load_dataset
-from sfp.evaluate import INTERRUPT_ENV, EvalState, evaluate
-from sfp.metrics import SegMetrics, confusion_matrix
-from sfp.models import WeightsUnavailableError
-from sfp.segment import Segmenter
+import sfp.cli.app as cli
+from sfp.models.loading import WeightsUnavailableError
+from sfp.seg.datasets import load_dataset
+from sfp.seg.evaluate import INTERRUPT_ENV, EvalState, evaluate
+from sfp.seg.metrics import SegMetrics, confusion_matrix
+from sfp.seg.pipeline import Segmenter
 
 FAST = [
     "--method", "clip", "--pretrained", "random", "--templates", "simple",

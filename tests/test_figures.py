@@ -1,4 +1,4 @@
-"""Tests of sfp.figures: every family on a random and a synthetic ViT-S/16, the writers, the CLI.
+"""Tests of sfp.viz.figures: every family on a random and a synthetic ViT-S/16, the writers, the CLI.
 
 Figures are checked by structure (panels, colour bars, traces, image shapes = the patch grid,
 titles naming the model and "synthetic (planted outliers)") and, where the planted model
@@ -13,9 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sfp.config import SFPConfig
-from sfp.encoders import make_encoder
-from sfp.figures import (
+from sfp.core.io import sample_images
+from sfp.core.outliers import layer_statistics
+from sfp.core.probe import record
+from sfp.methods.config import SFPConfig
+from sfp.methods.encoders import make_encoder
+from sfp.models.synthetic import planted_model, synthetic_scene
+from sfp.viz.figures import (
     SYNTHETIC_TAG,
     agreement_data,
     default_layers,
@@ -46,11 +50,7 @@ from sfp.figures import (
     stage_ablation_plotly,
     write_plotly_page,
 )
-from sfp.figures.views import patch_index
-from sfp.io import sample_images
-from sfp.outliers import layer_statistics
-from sfp.probe import record
-from sfp.synthetic import planted_model, synthetic_scene
+from sfp.viz.figures.views import patch_index
 
 CLASSES = "background; cat; person; grass"
 TEMPLATES = ["a photo of a {}."]
@@ -387,7 +387,7 @@ def test_external_urls_detects_resources():
 
 
 def test_cli_figures_writes_expected_files(tmp_path, tiny_vit, monkeypatch):
-    from sfp import cli
+    import sfp.cli.app as cli
 
     img = tmp_path / "photo one.png"
     Image.fromarray(sample_images()["astronaut"]).save(img)
@@ -412,7 +412,7 @@ def test_cli_figures_writes_expected_files(tmp_path, tiny_vit, monkeypatch):
 
 
 def test_cli_figures_parser():
-    from sfp.cli import build_parser
+    from sfp.cli.app import build_parser
 
     args = build_parser().parse_args(["figures", "--image", "a.png", "--out", "o", "--synthetic",
                                       "--layers", "2,4,6", "--head", "3", "--patch", "4,5"])
@@ -432,7 +432,7 @@ def test_figures_accept_non_square_grid_without_image(synthetic_s16):
 
 
 def test_cli_figures_checks_inputs_before_loading(tmp_path, monkeypatch, capsys):
-    from sfp import cli
+    import sfp.cli.app as cli
 
     def no_load(args):  # pragma: no cover - must not be reached
         raise AssertionError("the model was loaded before the inputs were checked")
@@ -451,7 +451,7 @@ def test_cli_figures_checks_inputs_before_loading(tmp_path, monkeypatch, capsys)
 def test_data_or_build_refuses_options_with_ready_data():
     from dataclasses import dataclass as _dc
 
-    from sfp.figures.style import data_or_build
+    from sfp.viz.figures.style import data_or_build
 
     @_dc
     class Ready:

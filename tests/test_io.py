@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sfp import io
-from sfp.io import ImageError
+from sfp.core import io
+from sfp.core.io import ImageError
 
 
 def test_uint8_rgb_roundtrip(tmp_path):

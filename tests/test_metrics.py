@@ -1,4 +1,4 @@
-"""Tests for sfp.metrics against hand-computed values."""
+"""Tests for sfp.seg.metrics against hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sfp.metrics import ConfusionAccumulator, SegMetrics, confusion_matrix
+from sfp.seg.metrics import ConfusionAccumulator, SegMetrics, confusion_matrix
 
 # A 3 x 4 example with C = 3 and two ignored pixels (255).
 GT = np.array(

@@ -9,8 +9,8 @@ import open_clip
 import pytest
 import torch
 
-from sfp import vit
-from sfp.models import (
+from sfp.core import forward
+from sfp.models.loading import (
     CHECKPOINT_ENV,
     ModelLoadError,
     WeightsUnavailableError,
@@ -46,7 +46,7 @@ def test_bundle_facts(vit_b16):
 
 
 def test_random_requires_explicit_none_and_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="sfp.models"):
+    with caplog.at_level(logging.WARNING, logger="sfp.models.loading"):
         b = load_model("ViT-S-16", pretrained=None, device="cpu")
     assert b.pretrained == "random"
     assert any("RANDOM" in r.getMessage() for r in caplog.records)
@@ -64,7 +64,7 @@ def test_state_dict_file_with_quick_gelu(quickgelu_source, images):
 
 def test_plain_state_dict_without_choice_warns_and_differs(quickgelu_source, images, caplog):
     model, path = quickgelu_source
-    with caplog.at_level(logging.WARNING, logger="sfp.models"):
+    with caplog.at_level(logging.WARNING, logger="sfp.models.loading"):
         b = load_model("ViT-B-16", pretrained=path, device="cpu")
     msgs = " ".join(r.getMessage() for r in caplog.records)
     assert "quick_gelu=False" in msgs and "quick_gelu=True" in msgs
@@ -166,5 +166,5 @@ def test_fp16_precision_casts(vit_s16):
     assert b.dtype == torch.bfloat16
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        out = vit.encode_image(b.visual, x)
+        out = forward.encode_image(b.visual, x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -1,4 +1,4 @@
-"""Tests for sfp.outliers: detectors, registry/dispatch, mitigation, layer statistics.
+"""Tests for sfp.core.outliers: detectors, registry/dispatch, mitigation, layer statistics.
 
 Expected numbers come from hand calculations (written out in comments), scikit-learn, or
 planted outliers; none are read back from the implementation.
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from sfp import outliers
-from sfp.outliers import (
+from sfp.core import outliers
+from sfp.core.outliers import (
     LayerStats,
     MissingInputError,
     OutlierResult,
@@ -457,7 +457,7 @@ def test_register_detector_and_overwrite(registry):
 
 
 class FakeTrace:
-    """Duck-typed stand-in for sfp.probe.Trace: stored per-layer tensors, 1-indexed."""
+    """Duck-typed stand-in for sfp.core.probe.Trace: stored per-layer tensors, 1-indexed."""
 
     def __init__(self, hidden=None, attention=None):
         self._hidden = hidden or {}

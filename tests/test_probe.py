@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfp import vit
-from sfp.probe import Trace, TraceError, record
+from sfp.core import forward
+from sfp.core.probe import Trace, TraceError, record
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def imgs_b16():
 
 def test_recording_does_not_change_outputs(vit_b16, imgs_b16):
     with torch.no_grad():
-        plain = vit.encode_image(vit_b16.visual, imgs_b16)
+        plain = forward.encode_image(vit_b16.visual, imgs_b16)
         ref = vit_b16.model.encode_image(imgs_b16)
     trace = record(vit_b16, imgs_b16)
     assert (trace.image_embedding - plain).abs().max() < 1e-6
@@ -45,7 +45,7 @@ def test_recorded_attention_matches_by_hand(tiny_vit):
     x = torch.randn(1, 3, 64, 80)
     t = record(tiny_vit, x, layers=[2])
     with torch.no_grad():
-        tokens, _ = vit.embed(tiny_vit.visual, x)
+        tokens, _ = forward.embed(tiny_vit.visual, x)
         h1 = tiny_vit.visual.transformer.resblocks[0](tokens)
         block = tiny_vit.visual.transformer.resblocks[1]
         y = block.ln_1(h1)
@@ -137,7 +137,7 @@ def test_save_load_errors(tiny_vit, tmp_path):
 
 
 def test_outliers_via_trace_match_functions(tiny_vit):
-    from sfp import outliers
+    from sfp.core import outliers
 
     t = record(tiny_vit, torch.randn(2, 3, 64, 64))
     r = t.outliers("som", 5, top_k=3, cls_scale=1.5)

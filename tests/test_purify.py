@@ -1,4 +1,4 @@
-"""Tests of sfp.purify: the SFP encoder against an independent reference, and each stage.
+"""Tests of sfp.methods.purify: the SFP encoder against an independent reference, and each stage.
 
 All models are random-initialised (no weights on the test machines); images are smooth random
 fields so that patch similarities have structure.
@@ -10,11 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from sfp import outliers, probe, vit
-from sfp.config import ConfigError, SFPConfig
-from sfp.encoders import make_encoder
-from sfp.models import bundle_from_model, load_model
-from sfp.purify import (
+from sfp.core import forward, outliers, probe
+from sfp.methods.config import ConfigError, SFPConfig
+from sfp.methods.encoders import make_encoder
+from sfp.methods.purify import (
     SFPEncoder,
     hai_official,
     hai_paper,
@@ -26,6 +25,7 @@ from sfp.purify import (
     similarity_logits,
     similarity_matrix,
 )
+from sfp.models.loading import bundle_from_model, load_model
 
 # --------------------------------------------------------------------------------------------
 # fixtures
@@ -329,7 +329,7 @@ def test_official_stages_compose(vits, small_images, official_stages) -> None:
     assert torch.allclose(st.x_post, rownorm_apply(st.s_post, st.x_sae), atol=1e-6)
     p = sum(tr.hidden(layer) for layer in range(4, 11))
     assert torch.allclose(st.z, hai_official(blk, p, st.s_pre, st.s_post), atol=1e-5)
-    assert torch.allclose(st.features, vit.project_patches(vits.visual, st.x_post + st.z))
+    assert torch.allclose(st.features, forward.project_patches(vits.visual, st.x_post + st.z))
     assert torch.equal(SFPEncoder(vits).encode_patches(small_images), st.features)
 
 
@@ -371,7 +371,7 @@ def test_sae_off_runs_block_L_as_a_standard_block(vits, small_images, official_s
         expected = (expected + blk.mlp(blk.ln_2(expected)))[:, 1:]
     assert torch.allclose(st.x_sae, expected, atol=1e-5)
     assert torch.allclose(st.z, ref.z)  # HAI is untouched
-    assert torch.allclose(st.features, vit.project_patches(vits.visual, st.x_post + st.z))
+    assert torch.allclose(st.features, forward.project_patches(vits.visual, st.x_post + st.z))
 
 
 def test_hai_off_drops_z(vits, small_images, official_stages) -> None:
@@ -379,7 +379,7 @@ def test_hai_off_drops_z(vits, small_images, official_stages) -> None:
     assert st.z is None and st.hai_matrix is None
     assert torch.equal(st.x_post, official_stages.x_post)
     assert torch.equal(st.x_final, st.x_post)
-    assert torch.equal(st.features, vit.project_patches(vits.visual, official_stages.x_post))
+    assert torch.equal(st.features, forward.project_patches(vits.visual, official_stages.x_post))
 
 
 def test_aggregation_switches(vits, small_images, official_stages) -> None:
@@ -469,7 +469,7 @@ def test_paper_som_purifies_every_layer_and_propagates(vits, small_images) -> No
             [h[:, :1], outliers.mitigate(h[:, 1:], st.grid, st.masks[layer])], dim=1
         )
         with torch.no_grad():
-            nxt = vit.block_forward(blocks[layer], purified).hidden
+            nxt = forward.block_forward(blocks[layer], purified).hidden
         assert torch.allclose(tr.hidden(layer + 1), nxt, atol=1e-5)
     assert torch.equal(st.x_raw, tr.hidden(11)[:, 1:])
     # SAE eq. 6-7 on the purified h_11, then F_vis = A_HAI F_SAE
@@ -478,7 +478,7 @@ def test_paper_som_purifies_every_layer_and_propagates(vits, small_images) -> No
                          [st.masks[layer] for layer in range(1, 12)])
     assert torch.allclose(st.hai_matrix, a, atol=1e-6)
     assert torch.allclose(st.x_final, a @ st.x_sae, atol=1e-5)
-    assert torch.allclose(st.features, vit.project_patches(vits.visual, st.x_final))
+    assert torch.allclose(st.features, forward.project_patches(vits.visual, st.x_final))
     off = SFPEncoder(vits, SFPConfig.paper(hai=False)).stages(small_images)
     assert torch.equal(off.x_final, off.x_sae) and off.hai_matrix is None
 
@@ -605,7 +605,7 @@ def test_make_encoder_builds_sfp(vits, small_images, official_stages) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# planted outliers (sfp.synthetic): detections against ground truth
+# planted outliers (sfp.models.synthetic): detections against ground truth
 # --------------------------------------------------------------------------------------------
 
 
@@ -616,7 +616,7 @@ def planted():
     planted."""
     import open_clip
 
-    from sfp.synthetic import planted_model, synthetic_scene
+    from sfp.models.synthetic import planted_model, synthetic_scene
 
     bundle, truth = planted_model("ViT-S-16", seed=0)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)

@@ -1,4 +1,4 @@
-"""Tests of sfp.segment: sliding windows, stitching, post-processing, the Segmenter.
+"""Tests of sfp.seg.pipeline: sliding windows, stitching, post-processing, the Segmenter.
 
 Pure stages are checked against hand-computed numbers; the Segmenter end to end with a fake
 encoder that plants known query embeddings (labels must follow the planted split exactly),
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sfp.encoders import Encoder, available_methods
-from sfp.segment import (
+from sfp.methods.encoders import Encoder, available_methods
+from sfp.seg.pipeline import (
     BENCHMARK_PRESETS,
     PALETTE,
     Segmentation,
@@ -297,7 +297,7 @@ def test_every_encoder_segments(tiny_vit, method) -> None:
     if method not in available_methods():
         pytest.skip(f"{method} not registered")
     if method == "sfp":
-        pytest.importorskip("sfp.purify")
+        pytest.importorskip("sfp.methods.purify")
     img = np.random.default_rng(4).integers(0, 256, (40, 70, 3), dtype=np.uint8)
     seg = Segmenter(tiny_vit, "cat; dog", method=method, templates=SIMPLE, short_side=48,
                     crop=32, stride=16)
@@ -307,7 +307,7 @@ def test_every_encoder_segments(tiny_vit, method) -> None:
 
 
 def test_sfp_presets(tiny_vit) -> None:
-    pytest.importorskip("sfp.purify")
+    pytest.importorskip("sfp.methods.purify")
     img = np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     for preset in ("official", "paper"):
         seg = Segmenter(tiny_vit, "cat; dog", method="sfp", config=preset, templates=SIMPLE,

@@ -1,4 +1,4 @@
-"""Tests for sfp.synthetic: a real-architecture CLIP with planted outliers and known truth.
+"""Tests for sfp.models.synthetic: a real-architecture CLIP with planted outliers and known truth.
 
 The properties are the literature's (Darcet et al. 2024; Sun et al. 2024; Jiang et al. 2025)
 and SFP's criterion, measured through the public probe on natural photos (scikit-image) and
@@ -13,9 +13,9 @@ import open_clip
 import pytest
 import torch
 
-from sfp import io, probe, vit
-from sfp.outliers import mitigate, norm_z, som
-from sfp.synthetic import (
+from sfp.core import forward, io, probe
+from sfp.core.outliers import mitigate, norm_z, som
+from sfp.models.synthetic import (
     SYNTHETIC_LABEL,
     PlantedTruth,
     default_onset,
@@ -194,7 +194,7 @@ def test_ordinary_open_clip_model(s16):
     try:
         with torch.no_grad():
             e_fresh = fresh.encode_image(x)
-            e_sfp = vit.encode_image(bundle.model.visual, x)
+            e_sfp = forward.encode_image(bundle.model.visual, x)
     finally:
         handle.remove()
     torch.testing.assert_close(e_fresh, e_sfp, rtol=1e-4, atol=1e-4)

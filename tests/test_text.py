@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfp import text
-from sfp.text import ClassListError
+from sfp.models import text
+from sfp.models.text import ClassListError
 
 
 def test_read_class_file_synonyms(tmp_path):

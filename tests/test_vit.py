@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfp import vit
+from sfp.core import forward
 
 
 @torch.no_grad()
@@ -14,7 +14,7 @@ def test_equals_open_clip_encode_image(vit_b16):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 224, 224)
     ref = vit_b16.model.encode_image(x)
-    ours = vit.encode_image(vit_b16.visual, x)
+    ours = forward.encode_image(vit_b16.visual, x)
     assert (ref - ours).abs().max() < 1e-5
 
 
@@ -22,7 +22,7 @@ def test_equals_open_clip_encode_image(vit_b16):
 def test_block_equals_open_clip_block(tiny_vit):
     block = tiny_vit.visual.transformer.resblocks[2]
     x = torch.randn(3, 17, tiny_vit.width)
-    out = vit.block_forward(block, x, need_attention=True)
+    out = forward.block_forward(block, x, need_attention=True)
     assert (out.hidden - block(x)).abs().max() < 1e-5
     assert out.attention.shape == (3, tiny_vit.heads, 17, 17)
 
@@ -39,21 +39,21 @@ def test_attention_probs_by_hand(tiny_vit):
     for head in range(h):
         logits = q[0, :, head] @ k[0, :, head].T / (c // h) ** 0.5
         expect = torch.softmax(logits, dim=-1)
-        qq, kk, _ = vit.qkv(block, y)
-        got = vit.attention_probs(qq, kk)[0, head]
+        qq, kk, _ = forward.qkv(block, y)
+        got = forward.attention_probs(qq, kk)[0, head]
         assert (got - expect).abs().max() < 1e-6
 
 
 def test_grid_keeps_rows_and_columns_apart(tiny_vit):
-    x, grid = vit.embed(tiny_vit.visual, torch.randn(1, 3, 64, 112))
+    x, grid = forward.embed(tiny_vit.visual, torch.randn(1, 3, 64, 112))
     assert grid == (4, 7) and x.shape == (1, 1 + 28, tiny_vit.width)
-    assert vit.patch_grid(tiny_vit.visual, 224, 320) == (14, 20)
+    assert forward.patch_grid(tiny_vit.visual, 224, 320) == (14, 20)
 
 
 def test_positional_embedding_identity_and_bicubic(tiny_vit):
     v = tiny_vit.visual
-    assert vit.positional_embedding(v, (4, 4)) is v.positional_embedding
-    pos = vit.positional_embedding(v, (3, 6))
+    assert forward.positional_embedding(v, (4, 4)) is v.positional_embedding
+    pos = forward.positional_embedding(v, (3, 6))
     assert pos.shape == (1 + 18, tiny_vit.width)
     assert torch.equal(pos[0], v.positional_embedding[0])
     grid0 = v.positional_embedding[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
@@ -63,7 +63,7 @@ def test_positional_embedding_identity_and_bicubic(tiny_vit):
 
 def test_non_square_and_odd_sizes_run(tiny_vit):
     with torch.no_grad():
-        out = vit.encode_image(tiny_vit.visual, torch.randn(2, 3, 50, 130))  # grid 3 x 8
+        out = forward.encode_image(tiny_vit.visual, torch.randn(2, 3, 50, 130))  # grid 3 x 8
     assert out.shape == (2, tiny_vit.embed_dim) and torch.isfinite(out).all()
 
 
@@ -78,5 +78,5 @@ def test_non_square_and_odd_sizes_run(tiny_vit):
     ],
 )
 def test_bad_images(tiny_vit, bad, match):
-    with pytest.raises(vit.InputError, match=match):
-        vit.embed(tiny_vit.visual, bad)
+    with pytest.raises(forward.InputError, match=match):
+        forward.embed(tiny_vit.visual, bad)

@@ -1,4 +1,4 @@
-"""Tests for sfp.widgets: drive every widget from Python and check what its figures show.
+"""Tests for sfp.viz.widgets: drive every widget from Python and check what its figures show.
 
 Models: the synthetic ViT-S-16 (planted outliers, known positions) and a tiny random ViT.
 One trace per model is recorded per module; images are 224 px (synthetic) and 64 px (tiny).
@@ -18,15 +18,15 @@ from conftest import make_tiny_bundle
 from PIL import Image
 from plotly.callbacks import Points
 
-from sfp.config import SFPConfig
-from sfp.io import normalize
-from sfp.metrics import ConfusionAccumulator
-from sfp.outliers import available_detectors, detect, layer_statistics
-from sfp.probe import record
-from sfp.purify import SFPEncoder
-from sfp.segment import Segmenter, postprocess
-from sfp.synthetic import planted_model, synthetic_scene
-from sfp.widgets import (
+from sfp.core.io import normalize
+from sfp.core.outliers import available_detectors, detect, layer_statistics
+from sfp.core.probe import record
+from sfp.methods.config import SFPConfig
+from sfp.methods.purify import SFPEncoder
+from sfp.models.synthetic import planted_model, synthetic_scene
+from sfp.seg.metrics import ConfusionAccumulator
+from sfp.seg.pipeline import Segmenter, postprocess
+from sfp.viz.widgets import (
     SYNTHETIC_LABEL,
     OutlierExplorer,
     PropagationView,
@@ -34,9 +34,9 @@ from sfp.widgets import (
     ThresholdTuner,
     stage_configs,
 )
-from sfp.widgets._common import label_colors, patch_at, patch_centers
+from sfp.viz.widgets._common import label_colors, patch_at, patch_centers
 
-logging.getLogger("sfp.models").setLevel(logging.ERROR)
+logging.getLogger("sfp.models.loading").setLevel(logging.ERROR)
 
 CLASSES = "background; stripes; checkerboard"
 

@@ -1,0 +1,5 @@
+"""sfp.cli."""
+
+from sfp.cli.app import main
+
+__all__ = ["main"]

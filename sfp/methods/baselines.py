@@ -1,0 +1,444 @@
+"""Training-free dense CLIP encoders from the literature, in sfp's harness.
+
+Every baseline here runs the one forward path of :mod:`sfp.core.forward` unchanged for blocks 1..L-1
+(``forward.embed`` + ``forward.run_blocks``) and replaces only block L by a pure function on tensors;
+the patch tokens of its output go through ``ln_post`` and ``proj`` (``forward.project_patches``).
+Each follows its authors' released code for ViT-B/16 at the default settings (the papers and the
+files read are cited in each class). What block L becomes, with ``s = d_head ** -0.5``:
+
+=========== ===================================== ======== ===== ==========================
+method      attention applied to v in block L     residual FFN   source
+=========== ===================================== ======== ===== ==========================
+clip        softmax(q k^T s)                      yes      yes   open_clip (unchanged)
+maskclip    none: out_proj(v) (value path)        yes      yes   MaskCLIP, ECCV 2022
+sclip       softmax(q q^T s) + softmax(k k^T s)   yes      yes   SCLIP, ECCV 2024
+clearclip   softmax(q q^T s)                      no       no    ClearCLIP, ECCV 2024
+naclip      softmax(k k^T s + G), G Gaussian      no       no    NACLIP, WACV 2025
+=========== ===================================== ======== ===== ==========================
+
+"residual" is the block input added to the attention branch; "FFN" is ``x + mlp(ln_2(x))`` on
+the result. All tokens (cls included) take part in the modified attention, as in every release;
+only the patch tokens are returned. Softmaxes and ``attention @ v`` are computed in float32 and
+cast back to the model's dtype before ``out_proj``, so fp16/bf16 bundles work (the releases run
+these in the model's dtype, fp16 on CUDA). LayerScale (``ls_1``/``ls_2``, identity for CLIP) is
+applied as in :func:`sfp.core.forward.block_forward`.
+
+Differences from the releases, all deliberate: positional embeddings are interpolated to the exact
+patch grid by :func:`sfp.core.forward.positional_embedding` (the releases use a ``scale_factor`` and skip
+non-square grids with the pretraining token count); any batch size and non-square grids work; the
+segmentation-time extras of the releases (sliding windows, PAMR, logit scales, thresholds) belong
+to :mod:`sfp.seg.pipeline`, not to these encoders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from sfp.core import forward
+from sfp.methods.encoders import Encoder
+from sfp.models.loading import ModelBundle
+
+__all__ = [
+    "CLIPEncoder",
+    "ClearCLIPConfig",
+    "ClearCLIPEncoder",
+    "MaskCLIPConfig",
+    "MaskCLIPEncoder",
+    "NACLIPConfig",
+    "NACLIPEncoder",
+    "SCLIPConfig",
+    "SCLIPEncoder",
+    "attend",
+    "clearclip_block",
+    "correlative_probs",
+    "gaussian_neighbourhood_bias",
+    "maskclip_block",
+    "modified_block",
+    "naclip_block",
+    "neighbourhood_probs",
+    "sclip_block",
+    "self_self_probs",
+]
+
+SelfSelf = Literal["qq", "kk", "vv"]
+
+# ---------------------------------------------------------------------------------------------
+# Configurations (frozen; defaults are the authors' defaults for ViT-B/16)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_scale(scale: float | None) -> None:
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be positive (or None for d_head ** -0.5), got {scale!r}.")
+
+
+@dataclass(frozen=True)
+class MaskCLIPConfig:
+    """MaskCLIP's last block. Defaults: the release keeps the residual and the FFN.
+
+    Attributes:
+        residual: add the block input to ``out_proj(v)``.
+        ffn: then apply the block's FFN with its residual, ``y + mlp(ln_2(y))``.
+    """
+
+    residual: bool = True
+    ffn: bool = True
+
+
+@dataclass(frozen=True)
+class SCLIPConfig:
+    """SCLIP's last block. Defaults: correlative self-attention, residual and FFN kept.
+
+    Attributes:
+        residual: add the block input to the attention branch.
+        ffn: then apply the block's FFN with its residual.
+        scale: logit scale of both softmaxes; None means ``d_head ** -0.5`` (the release).
+    """
+
+    residual: bool = True
+    ffn: bool = True
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_scale(self.scale)
+
+
+@dataclass(frozen=True)
+class ClearCLIPConfig:
+    """ClearCLIP's last block. Defaults: q-q attention, no residual, no FFN.
+
+    Attributes:
+        attention: which self-self attention, ``"qq"`` (the release's ``model_type='ClearCLIP'``),
+            ``"kk"`` or ``"vv"``.
+        residual: add the block input to the attention branch.
+        ffn: then apply the block's FFN with its residual.
+        scale: logit scale of the softmax; None means ``d_head ** -0.5`` (the release).
+    """
+
+    attention: SelfSelf = "qq"
+    residual: bool = False
+    ffn: bool = False
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("qq", "kk", "vv"):
+            raise ValueError(f"attention must be 'qq', 'kk' or 'vv', got {self.attention!r}.")
+        _check_scale(self.scale)
+
+
+@dataclass(frozen=True)
+class NACLIPConfig:
+    """NACLIP's last block. Defaults: ``arch='reduced'``, ``attn_strategy='naclip'``, std 5.
+
+    Attributes:
+        gaussian_std: standard deviation, in patches, of the Gaussian neighbourhood bias.
+        residual: add the block input to the attention branch (``arch='vanilla'`` keeps it).
+        ffn: then apply the block's FFN with its residual (``arch='vanilla'`` keeps it).
+        scale: scale of the ``k k^T`` logits (the bias is added unscaled); None means
+            ``d_head ** -0.5`` (the release).
+    """
+
+    gaussian_std: float = 5.0
+    residual: bool = False
+    ffn: bool = False
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.gaussian_std > 0:
+            raise ValueError(f"gaussian_std must be positive, got {self.gaussian_std!r}.")
+        _check_scale(self.scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: attention variants and the modified last block
+# ---------------------------------------------------------------------------------------------
+
+
+def _scale_of(x: torch.Tensor, scale: float | None) -> float:
+    return x.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def self_self_probs(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(x x^T * scale) per head in float32: x (B, H, T, d) -> (B, H, T, T).
+
+    ``scale`` None means ``d ** -0.5``.
+    """
+    xf = x.float()
+    return torch.softmax((xf @ xf.transpose(-1, -2)) * _scale_of(x, scale), dim=-1)
+
+
+def correlative_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """SCLIP's correlative self-attention: softmax(q q^T s) + softmax(k k^T s), summed.
+
+    q, k: (B, H, T, d) -> (B, H, T, T) float32; each row sums to 2 (not averaged, as in the
+    release).
+    """
+    return self_self_probs(q, scale) + self_self_probs(k, scale)
+
+
+def gaussian_neighbourhood_bias(
+    grid: forward.Grid, std: float, *, cls_token: bool = True, device: torch.device | None = None
+) -> torch.Tensor:
+    """NACLIP's neighbourhood bias over a ``(gh, gw)`` patch grid, float32.
+
+    ``G[i, j] = exp(-((r_i - r_j)^2 + (c_i - c_j)^2) / (2 std^2))`` for patches ``i, j`` at rows
+    ``r`` and columns ``c`` (row-major, distances in patches, rows and columns kept apart). With
+    ``cls_token`` a zero row and column are prepended for the class token.
+    Returns (1 + N, 1 + N) (or (N, N)), N = gh * gw; symmetric, ones on the patch diagonal.
+    """
+    gh, gw = int(grid[0]), int(grid[1])
+    if gh < 1 or gw < 1:
+        raise ValueError(f"grid must be positive, got {grid!r}.")
+    if not std > 0:
+        raise ValueError(f"std must be positive, got {std!r}.")
+    rows = torch.arange(gh, device=device, dtype=torch.float32).repeat_interleave(gw)
+    cols = torch.arange(gw, device=device, dtype=torch.float32).repeat(gh)
+    d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
+    bias = torch.exp(-d2 / (2.0 * float(std) ** 2))
+    if cls_token:
+        bias = torch.nn.functional.pad(bias, (1, 0, 1, 0))
+    return bias
+
+
+def neighbourhood_probs(
+    k: torch.Tensor, bias: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """NACLIP's attention: softmax(k k^T * scale + bias) in float32.
+
+    k: (B, H, T, d), bias: (T, T) added to the logits of every head -> (B, H, T, T).
+    """
+    kf = k.float()
+    logits = (kf @ kf.transpose(-1, -2)) * _scale_of(k, scale)
+    return torch.softmax(logits + bias.to(device=logits.device, dtype=torch.float32), dim=-1)
+
+
+def attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs @ v in float32, cast back to v's dtype: (B, H, T, T), (B, H, T, d) -> (B, H, T, d)."""
+    return (probs.float() @ v.float()).to(v.dtype)
+
+
+HeadMixer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``mix(q, k, v) -> o``, all (B, H, T, d): what a block's attention does with its heads."""
+
+
+def modified_block(
+    block: nn.Module, x: torch.Tensor, mix: HeadMixer, *, residual: bool, ffn: bool
+) -> torch.Tensor:
+    """A pre-norm ViT block whose attention is ``mix`` and whose residual/FFN are switches.
+
+    ``y = ls_1(out_proj(mix(q, k, v)))`` with q, k, v from ``in_proj(ln_1(x))``; then
+    ``y = x + y`` if ``residual``; then ``y = y + ls_2(mlp(ln_2(y)))`` if ``ffn``.
+    x: (B, T, C) -> (B, T, C).
+    """
+    q, k, v = forward.qkv(block, block.ln_1(x))
+    y = block.ls_1(forward.merge_heads(block, mix(q, k, v)))
+    if residual:
+        y = x + y
+    if ffn:
+        y = y + block.ls_2(block.mlp(block.ln_2(y)))
+    return y
+
+
+def maskclip_block(block: nn.Module, x: torch.Tensor, config: MaskCLIPConfig) -> torch.Tensor:
+    """MaskCLIP's last block: the value path ``out_proj(v)`` in place of attention.
+
+    x: (B, T, C) -> (B, T, C).
+    """
+    return modified_block(block, x, lambda q, k, v: v, residual=config.residual, ffn=config.ffn)
+
+
+def sclip_block(block: nn.Module, x: torch.Tensor, config: SCLIPConfig) -> torch.Tensor:
+    """SCLIP's last block: correlative self-attention. x: (B, T, C) -> (B, T, C)."""
+
+    def mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attend(correlative_probs(q, k, config.scale), v)
+
+    return modified_block(block, x, mix, residual=config.residual, ffn=config.ffn)
+
+
+def clearclip_block(block: nn.Module, x: torch.Tensor, config: ClearCLIPConfig) -> torch.Tensor:
+    """ClearCLIP's last block: self-self (q-q) attention. x: (B, T, C) -> (B, T, C)."""
+    which = "qkv".index(config.attention[0])
+
+    def mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attend(self_self_probs((q, k, v)[which], config.scale), v)
+
+    return modified_block(block, x, mix, residual=config.residual, ffn=config.ffn)
+
+
+def naclip_block(
+    block: nn.Module, x: torch.Tensor, grid: forward.Grid, config: NACLIPConfig
+) -> torch.Tensor:
+    """NACLIP's last block: k-k attention with a Gaussian neighbourhood bias on the logits.
+
+    x: (B, 1 + gh * gw, C) tokens on ``grid`` -> (B, 1 + gh * gw, C).
+    """
+    n = int(grid[0]) * int(grid[1])
+    if x.shape[1] != 1 + n:
+        raise ValueError(f"x holds {x.shape[1]} tokens; grid {grid} needs 1 + {n}.")
+    bias = gaussian_neighbourhood_bias(grid, config.gaussian_std, device=x.device)
+
+    def mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attend(neighbourhood_probs(k, bias, config.scale), v)
+
+    return modified_block(block, x, mix, residual=config.residual, ffn=config.ffn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders
+# ---------------------------------------------------------------------------------------------
+
+
+class CLIPEncoder(Encoder):
+    """Vanilla CLIP: the patch tokens of the last block through ``ln_post`` and ``proj``.
+
+    Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
+    ICML 2021; the forward is open_clip's (github.com/mlfoundations/open_clip), which
+    :mod:`sfp.core.forward` reproduces. Its class token path is exactly ``model.encode_image``.
+    """
+
+    name = "clip"
+
+    def __init__(self, bundle: ModelBundle, config: None = None) -> None:
+        if config is not None:
+            raise TypeError(f"The 'clip' encoder has no configuration; got {config!r}.")
+        super().__init__(bundle)
+
+    @torch.no_grad()
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Final hidden states h_L: images (B, 3, H, W) -> (B, 1 + N, C), before ln_post."""
+        x, _ = forward.embed(self.visual, images)
+        return forward.run_blocks(self.visual, x)
+
+    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> (B, N, D): ``ln_post(h_L[:, 1:]) @ proj``."""
+        return forward.project_patches(self.visual, self.encode_tokens(images)[:, 1:])
+
+
+class _LastBlockEncoder(Encoder):
+    """Blocks 1..L-1 unchanged, block L replaced by :meth:`last_block`."""
+
+    config_type: type = object
+
+    def __init__(self, bundle: ModelBundle, config: Any = None) -> None:
+        super().__init__(bundle)
+        if config is None:
+            config = self.config_type()
+        if not isinstance(config, self.config_type):
+            raise TypeError(
+                f"The {self.name!r} encoder takes a {self.config_type.__name__} (or None), "
+                f"got {type(config).__name__}."
+            )
+        self._config = config
+
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
+        """The modified block L: x = h_{L-1} (B, 1 + N, C) -> (B, 1 + N, C)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Output of the modified block L: images (B, 3, H, W) -> (B, 1 + N, C), before ln_post."""
+        x, grid = forward.embed(self.visual, images)
+        last = self.bundle.num_layers
+        x = forward.run_blocks(self.visual, x, 1, last - 1)
+        return self.last_block(forward.blocks_of(self.visual)[last - 1], x, grid)
+
+    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> (B, N, D): ``ln_post(tokens[:, 1:]) @ proj``."""
+        return forward.project_patches(self.visual, self.encode_tokens(images)[:, 1:])
+
+
+class MaskCLIPEncoder(_LastBlockEncoder):
+    """MaskCLIP: the last block's value path instead of its q-k attention.
+
+    Zhou, Loy, Dai, "Extract Free Dense Labels from CLIP", ECCV 2022; code
+    github.com/chongzhou96/MaskCLIP (mmsegmentation-based). Read in its history as mirrored by
+    volgachen/MaskCLIP: ``mmseg/models/backbones/forward.py`` (``TransformerEncoderLayer.forward``
+    with ``return_qkv``/``attn2ffn``: ``y = in_proj(norm1(x))``, split into q, k, v, each through
+    ``out_proj``; ``v += x``; ``v = ffn(norm2(v), identity=v)``), the last layer then takes
+    ``final_norm`` (= ln_post) and ``configs/_base_/models/maskclip_vit16.py`` sets
+    ``return_qkv=True, final_norm=True``; ``mmseg/models/decode_heads/maskclip_head.py`` applies
+    CLIP's ``proj`` (a bias-free 1x1 conv) to v. So the release **keeps the residual and the
+    FFN** around the value path; its key smoothing and prompt denoising are off by default
+    (``num_vote=0``, ``topk_text=0``, ``cls_thresh=0``) and are not part of this encoder.
+    Its mmseg ViT config names plain GELU and LayerNorm eps 1e-6; here the bundle's own blocks
+    are used (QuickGELU and eps 1e-5 for OpenAI weights).
+    """
+
+    name = "maskclip"
+    config_type = MaskCLIPConfig
+
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
+        return maskclip_block(block, x, self._config)
+
+
+class SCLIPEncoder(_LastBlockEncoder):
+    """SCLIP: correlative self-attention in the last block.
+
+    Wang, Mei, Yuille, "SCLIP: Rethinking Self-Attention for Dense Vision-Language Inference",
+    ECCV 2024; code github.com/wangf3014/SCLIP. From ``clip/model.py``
+    (``VisionTransformer.forward`` and ``custom_attn(csa=True)``): blocks 1..L-1 unchanged; in
+    block L ``x = x + custom_attn(attn, ln_1(x))`` then ``x = x + mlp(ln_2(x))`` (residual and
+    FFN kept), where ``custom_attn`` computes ``softmax(q q^T s) + softmax(k k^T s)`` (summed,
+    not averaged; ``s = head_dim ** -0.5``) over all tokens including cls, applies it to v and
+    ``out_proj``; ``clip_segmentor.py`` calls ``encode_image(img, return_all=True, csa=True)``
+    (``ln_post(x) @ proj`` on every token) and drops the cls token.
+    """
+
+    name = "sclip"
+    config_type = SCLIPConfig
+
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
+        return sclip_block(block, x, self._config)
+
+
+class ClearCLIPEncoder(_LastBlockEncoder):
+    """ClearCLIP: self-self (q-q) attention, no residual connection, no FFN in the last block.
+
+    Lan, Chen, Ke, Wang, Feng, Zhang, "ClearCLIP: Decomposing CLIP Representations for Dense
+    Vision-Language Inference", ECCV 2024; code github.com/mc-lan/ClearCLIP. From
+    ``open_clip/transformer.py`` (``VisionTransformer.forward`` with ``ignore_residual=True``,
+    ``last_n_layers=1``: ``output = custom_attn(blk.attn, blk.ln_1(x), model_type)``, no
+    residual, no FFN; ``custom_attn`` with ``model_type='ClearCLIP'`` is
+    ``softmax(q q^T * head_dim ** -0.5)`` applied to v, then ``out_proj``, no extra temperature)
+    and ``clearclip_segmentor.py`` (``ignore_residual=True`` default; ``ln_post`` and ``proj``
+    on the patch tokens). Note: the released ``configs/base_config.py`` sets
+    ``model_type='vanilla'`` (q-k attention without residual/FFN), while the paper's method and
+    ``forward``'s default are ``'ClearCLIP'`` (q-q); we follow the method. The release runs in
+    fp16.
+    """
+
+    name = "clearclip"
+    config_type = ClearCLIPConfig
+
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
+        return clearclip_block(block, x, self._config)
+
+
+class NACLIPEncoder(_LastBlockEncoder):
+    """NACLIP: k-k attention plus a Gaussian neighbourhood bias, "reduced" last block.
+
+    Hajimiri, Ben Ayed, Dolz, "Pay Attention to Your Neighbours: Training-Free Open-Vocabulary
+    Semantic Segmentation", WACV 2025; code github.com/sinahmr/NACLIP. From ``naclip.py``
+    (defaults ``arch='reduced'``, ``attn_strategy='naclip'``, ``gaussian_std=5.``) and
+    ``clip/model.py``: with ``arch='reduced'`` block L is ``x = custom_attn(attn, ln_1(x))``
+    (no residual, no FFN); ``custom_attn`` for ``'naclip'`` computes
+    ``softmax(k k^T * head_dim ** -0.5 + omega)``, the bias ``omega`` added to the logits
+    unscaled and shared by all heads, then v and ``out_proj``. ``omega`` comes from
+    ``gaussian_window(2 gh - 1, 2 gw - 1, std)`` convolved ('same' padding) with one-hot maps of
+    each patch (``get_attention_addition``), i.e. ``exp(-(dr^2 + dc^2) / (2 std^2))`` between
+    patches on the ``(gh, gw)`` grid, with a zero row and column for the cls token
+    (``adjust_for_cls=True``): see :func:`gaussian_neighbourhood_bias`. Its default PAMR
+    post-processing (``pamr_steps=10``) acts on segmentation logits, not on these features.
+    """
+
+    name = "naclip"
+    config_type = NACLIPConfig
+
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
+        return naclip_block(block, x, grid, self._config)

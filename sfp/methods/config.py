@@ -1,0 +1,467 @@
+"""Configuration of the SFP encoder: one frozen dataclass with named presets.
+
+Every number of the method (DESIGN.md §4) is a field of :class:`SFPConfig`; the constructor's
+defaults are the **official** preset (the released implementation). Two presets:
+
+- ``SFPConfig.official(**overrides)``: what the release computes (SOM at block L-1 only with
+  ``cls_scale = 5 * res_cls`` and top-10, reference similarity, SAE as a mean of three
+  softmaxes, HAI from summed hidden states).
+- ``SFPConfig.paper(**overrides)``: the paper's equations 4-11 (SOM at every block with
+  purified tokens propagating, SAE eq. 6-7, HAI eq. 8-11). See ``docs/sfp_presets.md``.
+
+Layer fields are 1-indexed block outputs (layer ``l`` = output of block ``l``) and default to
+``None``: "derived from the model's depth" by :meth:`SFPConfig.resolve`. A 12-block value
+``l`` becomes, for a model with ``L`` blocks,
+
+    derive(l) = min(max(floor(l * L / 12 + 0.5), 1), L - 1)
+
+(round half up, clamped to 1..L-1; block L itself is replaced by SAE, so no SFP layer can be
+L). The detect layer defaults to L - 1; the paper variants start at layer 1 and stop at L - 1.
+Explicit values win, and must lie in 1..L-1 (checked by ``resolve``).
+
+Invalid values raise :class:`ConfigError` (a ``ValueError``) when the configuration is built,
+except layer ranges, which need the depth and are checked by ``resolve``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "PRESETS",
+    "REFERENCE_DEPTH",
+    "RELEASE_RES_SCALE",
+    "ConfigError",
+    "ResolvedConfig",
+    "SFPConfig",
+    "derive_layer",
+]
+
+#: Preset names a configuration can carry.
+PRESETS = ("official", "paper", "custom")
+#: Depth the paper's / release's layer numbers refer to (ViT-B/16).
+REFERENCE_DEPTH = 12
+#: The release multiplies res_cls by this factor to get SOM's class-token scale (5 x 0.3).
+RELEASE_RES_SCALE = 5.0
+
+_SAE_VARIANTS = ("official", "paper")
+_HAI_VARIANTS = ("official", "paper")
+_HAI_ATTENTION = ("similarity", "sae")
+_LOF_VARIANTS = ("sc-clip", "standard")
+_PAPER_SAE_VALUE = ("proj", "identity")
+_PAPER_SAE_FORM = ("block", "eq7")
+
+# 12-block layer numbers of the official preset.
+_REF_LAYER_12 = 9
+_POST_LAYER_12 = 4
+_HAI_START_12 = 4
+_HAI_STOP_12 = 10
+
+_LAYER_FIELDS = ("detect_layer", "som_start", "ref_layer", "post_layer", "hai_start", "hai_stop")
+
+# Values of the paper preset that differ from the official defaults.
+_PAPER_VALUES: dict[str, Any] = {
+    "top_k": None,
+    "cls_scale": 1.0,
+    "som_start": 1,
+    "pre_aggregate": False,
+    "post_aggregate": False,
+    "sae_variant": "paper",
+    "hai_variant": "paper",
+}
+
+
+class ConfigError(ValueError):
+    """An SFP configuration value is invalid (or does not fit the model's depth)."""
+
+
+def derive_layer(layer_12: int, num_layers: int) -> int:
+    """Scale a 12-block layer number to a model with ``num_layers`` blocks.
+
+    ``min(max(floor(layer_12 * L / 12 + 0.5), 1), L - 1)``; e.g. 9 -> 9 (L=12), 18 (L=24), 5
+    (L=6). Needs ``num_layers >= 2``.
+    """
+    scaled = math.floor(layer_12 * num_layers / REFERENCE_DEPTH + 0.5)
+    return min(max(scaled, 1), num_layers - 1)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """An :class:`SFPConfig` with concrete layer numbers for a model of ``num_layers`` blocks.
+
+    som_layers: the blocks whose outputs SOM purifies (ascending; empty when ``som`` is off),
+    ``detect_layer`` is the last of them. hai_layers: the layers HAI integrates.
+    """
+
+    config: SFPConfig
+    num_layers: int
+    detect_layer: int
+    som_layers: tuple[int, ...]
+    ref_layer: int
+    post_layer: int
+    hai_layers: tuple[int, ...]
+
+    @property
+    def last_layer(self) -> int:
+        """L - 1: the last block that runs unchanged; its output's patch tokens become X."""
+        return self.num_layers - 1
+
+
+@dataclass(frozen=True, repr=False)
+class SFPConfig:
+    """All settings of the SFP encoder (defaults: the official preset).
+
+    Outlier mitigation (SOM, steps 2-3):
+        som: switch; False = no detection, no mitigation anywhere.
+        detector: registered detector name ("som", "l2", "lof", "norm_z", or one added with
+            ``sfp.core.outliers.register_detector`` before the config is built).
+        top_k: most outliers kept (som, l2); None = no limit (som only).
+        cls_scale: SOM candidates satisfy cls_scale * A[cls, i] > A[i, i] (official 5 x res_cls
+            = 1.5; paper eq. 4: 1.0).
+        lof_neighbors, lof_contamination, lof_variant: parameters of the "lof" detector.
+        detector_params: extra keyword arguments for the detector (override the above).
+        detect_layer: the block whose output gives the final outlier set (None -> L-1).
+        som_start: first block purified; SOM runs on every block som_start..detect_layer and
+            each purified output is what the next block receives (None -> detect_layer: one
+            layer, the official preset; the paper preset uses 1).
+    Similarity (steps 4, 6):
+        pre_aggregate: X <- rownorm(S_pre) X with S_pre from ref_layer (step 4).
+        post_aggregate: X <- rownorm(S_post) X and Z <- rownorm(S_post) Z (steps 6-7).
+        ref_layer: layer of S_pre (None -> derive(9)); post_layer: of S_post (None -> derive(4)).
+        sim_threshold: cosine similarities below it are set to 0 (0.4).
+        sim_temperature: M = sim_temperature * (S_pre - mean(S_pre)) (3.0).
+        res_cls: lambda, weight of the class token added after SAE / in HAI (0.3).
+        eps: added to row (and column) sums before dividing (1e-6).
+    SAE (step 5):
+        sae: switch; False = block L runs as a standard ViT block on [cls, X].
+        sae_variant: "official" (mean of softmax(qq^T), softmax(kk^T), softmax(M); no MLP, no
+            residual) or "paper" (eq. 6-7).
+        omega: logit scale of the paper's SAE (0.5).
+        paper_sae_ln1: paper SAE takes q, k, v from ln_1(X) (True) or from X.
+        paper_sae_value: "proj": attention @ v, then out_proj; "identity": head-averaged
+            attention applied to X itself.
+        paper_sae_form: "block": X1 = X + attn; F = X1 + mlp(ln_2(X1)) (a standard block's two
+            residuals); "eq7": F = X + mlp(ln_2(attn)) (eq. 7 read literally).
+        paper_sae_cls: the class token takes part in the paper SAE's attention.
+    HAI (step 7):
+        hai: switch; False = no HAI term (official) / F_vis = F_SAE (paper).
+        hai_variant: "official" (Z from the summed hidden states, added to X) or "paper"
+            (eq. 8-11: F_vis = A_HAI F_SAE).
+        hai_start, hai_stop: inclusive layer range (None -> official derive(4)..derive(10);
+            paper 1..L-1).
+        hai_attention: official HAI's attention: "similarity" = softmax(M) (DESIGN.md §4);
+            "sae" = the SAE mixture of three softmaxes (an older release version).
+        hai_iterations: paper HAI's passes of row-then-column normalisation (eq. 10: 1).
+    preset: "official", "paper" or "custom": the preset the configuration was started from.
+    """
+
+    # --- SOM -----------------------------------------------------------------------------
+    som: bool = True
+    detector: str = "som"
+    top_k: int | None = 10
+    cls_scale: float = RELEASE_RES_SCALE * 0.3
+    lof_neighbors: int = 30
+    lof_contamination: float = 0.05
+    lof_variant: str = "sc-clip"
+    detector_params: Mapping[str, Any] = field(default_factory=dict)
+    detect_layer: int | None = None
+    som_start: int | None = None
+    # --- similarity ----------------------------------------------------------------------
+    pre_aggregate: bool = True
+    post_aggregate: bool = True
+    ref_layer: int | None = None
+    post_layer: int | None = None
+    sim_threshold: float = 0.4
+    sim_temperature: float = 3.0
+    res_cls: float = 0.3
+    eps: float = 1e-6
+    # --- SAE -----------------------------------------------------------------------------
+    sae: bool = True
+    sae_variant: str = "official"
+    omega: float = 0.5
+    paper_sae_ln1: bool = True
+    paper_sae_value: str = "proj"
+    paper_sae_form: str = "block"
+    paper_sae_cls: bool = False
+    # --- HAI -----------------------------------------------------------------------------
+    hai: bool = True
+    hai_variant: str = "official"
+    hai_start: int | None = None
+    hai_stop: int | None = None
+    hai_attention: str = "similarity"
+    hai_iterations: int = 1
+    # --- label ---------------------------------------------------------------------------
+    preset: str = "official"
+
+    # ---------------------------------------------------------------------------------------
+    # presets
+    # ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def official(cls, **overrides: Any) -> SFPConfig:
+        """The released implementation's settings, with ``overrides`` applied.
+
+        As in the release, SOM's class-token scale follows res_cls: overriding ``res_cls``
+        alone sets ``cls_scale = 5 * res_cls``; give ``cls_scale`` to decouple them.
+        """
+        values: dict[str, Any] = {"preset": "official"}
+        if "res_cls" in overrides and "cls_scale" not in overrides:
+            res_cls = overrides["res_cls"]
+            if _is_number(res_cls):
+                values["cls_scale"] = RELEASE_RES_SCALE * res_cls
+        values.update(overrides)
+        return cls._build(values)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> SFPConfig:
+        """The paper's equations (4-11), with ``overrides`` applied; see docs/sfp_presets.md."""
+        values: dict[str, Any] = {"preset": "paper", **_PAPER_VALUES}
+        values.update(overrides)
+        return cls._build(values)
+
+    @classmethod
+    def _build(cls, values: dict[str, Any]) -> SFPConfig:
+        _check_keys(values)
+        return cls(**values)
+
+    # ---------------------------------------------------------------------------------------
+    # validation
+    # ---------------------------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        # detector_params: store a plain dict copy (the dataclass stays frozen).
+        if not isinstance(self.detector_params, Mapping):
+            raise ConfigError(
+                f"detector_params must be a mapping of keyword arguments, got "
+                f"{type(self.detector_params).__name__}"
+            )
+        object.__setattr__(self, "detector_params", dict(self.detector_params))
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ConfigError(msg)
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                fail(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+        def flag(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if not _is_number(v) or v <= 0:
+                fail(f"{name} must be a finite number > 0, got {v!r}")
+
+        def non_negative(name: str) -> None:
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                fail(f"{name} must be a finite number >= 0, got {v!r}")
+
+        choice("preset", PRESETS)
+        for name in ("som", "pre_aggregate", "post_aggregate", "sae", "hai", "paper_sae_ln1",
+                     "paper_sae_cls"):
+            flag(name)
+        if not isinstance(self.detector, str):
+            fail(f"detector must be a detector name (str), got {self.detector!r}")
+        from sfp.core import outliers  # local import: outliers does not import config
+
+        if self.detector not in outliers.available_detectors():
+            close = difflib.get_close_matches(self.detector, outliers.available_detectors(), n=3)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            fail(
+                f"unknown detector {self.detector!r}; registered: "
+                f"{', '.join(outliers.available_detectors())}.{hint} Register custom detectors "
+                "with sfp.core.outliers.register_detector before building the config."
+            )
+        if self.top_k is None:
+            if self.detector == "l2":
+                fail("top_k=None (no limit) only works with detector 'som'; 'l2' needs an int")
+        elif not _is_int(self.top_k) or self.top_k < 1:
+            fail(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+        positive("cls_scale")
+        if not _is_int(self.lof_neighbors) or self.lof_neighbors < 1:
+            fail(f"lof_neighbors must be an int >= 1, got {self.lof_neighbors!r}")
+        if not _is_number(self.lof_contamination) or not 0 < self.lof_contamination <= 0.5:
+            fail(f"lof_contamination must be in (0, 0.5], got {self.lof_contamination!r}")
+        choice("lof_variant", _LOF_VARIANTS)
+        for name in _LAYER_FIELDS:
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                fail(f"{name} must be a layer number >= 1 (1-indexed block output) or None, "
+                     f"got {v!r}")
+        if self.hai_start is not None and self.hai_stop is not None:
+            if self.hai_start > self.hai_stop:
+                fail(f"HAI layer range is reversed: hai_start={self.hai_start} > "
+                     f"hai_stop={self.hai_stop}")
+        if self.som_start is not None and self.detect_layer is not None:
+            if self.som_start > self.detect_layer:
+                fail(f"som_start={self.som_start} is after detect_layer={self.detect_layer}; "
+                     "SOM runs on blocks som_start..detect_layer")
+        v = self.sim_threshold
+        if not _is_number(v) or not 0 <= v <= 1:
+            fail(f"sim_threshold must be a cosine-similarity threshold in [0, 1], got {v!r}")
+        positive("sim_temperature")
+        non_negative("res_cls")
+        positive("eps")
+        choice("sae_variant", _SAE_VARIANTS)
+        positive("omega")
+        choice("paper_sae_value", _PAPER_SAE_VALUE)
+        choice("paper_sae_form", _PAPER_SAE_FORM)
+        choice("hai_variant", _HAI_VARIANTS)
+        choice("hai_attention", _HAI_ATTENTION)
+        if not _is_int(self.hai_iterations) or self.hai_iterations < 1:
+            fail(f"hai_iterations must be an int >= 1, got {self.hai_iterations!r}")
+
+    # ---------------------------------------------------------------------------------------
+    # detector
+    # ---------------------------------------------------------------------------------------
+
+    def detector_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the configured detector (``detector_params`` win)."""
+        builtin: dict[str, dict[str, Any]] = {
+            "som": {"top_k": self.top_k, "cls_scale": self.cls_scale},
+            "l2": {"top_k": self.top_k},
+            "lof": {
+                "n_neighbors": self.lof_neighbors,
+                "contamination": self.lof_contamination,
+                "variant": self.lof_variant,
+            },
+        }
+        return {**builtin.get(self.detector, {}), **self.detector_params}
+
+    # ---------------------------------------------------------------------------------------
+    # layers
+    # ---------------------------------------------------------------------------------------
+
+    def resolve(self, num_layers: int) -> ResolvedConfig:
+        """Concrete layer numbers for a model with ``num_layers`` blocks (see module doc).
+
+        Raises ConfigError when the depth is below 2 or an explicit layer is outside 1..L-1.
+        """
+        if not _is_int(num_layers) or num_layers < 2:
+            raise ConfigError(
+                f"SFP needs a ViT with at least 2 blocks (block L is replaced by SAE), got "
+                f"num_layers={num_layers!r}"
+            )
+        last = num_layers - 1
+
+        def pick(name: str, derived: int) -> int:
+            value = getattr(self, name)
+            if value is None:
+                return derived
+            if value > last:
+                raise ConfigError(
+                    f"{name}={value} is out of range for a {num_layers}-block model: SFP layers "
+                    f"must be in 1..{last} (block {num_layers} is replaced by SAE)"
+                )
+            return int(value)
+
+        detect = pick("detect_layer", last)
+        som_start = pick("som_start", detect)
+        if som_start > detect:
+            raise ConfigError(
+                f"som_start={som_start} is after the detect layer {detect} for a "
+                f"{num_layers}-block model"
+            )
+        if self.hai_variant == "paper":
+            hai_start = pick("hai_start", 1)
+            hai_stop = pick("hai_stop", last)
+        else:
+            hai_start = pick("hai_start", derive_layer(_HAI_START_12, num_layers))
+            hai_stop = pick("hai_stop", derive_layer(_HAI_STOP_12, num_layers))
+        if hai_start > hai_stop:
+            raise ConfigError(
+                f"HAI layer range {hai_start}..{hai_stop} is reversed for a {num_layers}-block "
+                "model; set hai_start and hai_stop explicitly"
+            )
+        return ResolvedConfig(
+            config=self,
+            num_layers=num_layers,
+            detect_layer=detect,
+            som_layers=tuple(range(som_start, detect + 1)) if self.som else (),
+            ref_layer=pick("ref_layer", derive_layer(_REF_LAYER_12, num_layers)),
+            post_layer=pick("post_layer", derive_layer(_POST_LAYER_12, num_layers)),
+            hai_layers=tuple(range(hai_start, hai_stop + 1)),
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # serialisation
+    # ---------------------------------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> SFPConfig:
+        """A copy with ``changes`` applied (validated like a new config)."""
+        _check_keys(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (JSON-friendly); ``from_dict`` inverts it."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["detector_params"] = dict(self.detector_params)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SFPConfig:
+        """Build from a (possibly partial) dict of fields; missing fields take the preset's
+        values (``data["preset"]``, default official)."""
+        values = dict(data)
+        _check_keys(values)
+        preset = values.pop("preset", "official")
+        if preset == "paper":
+            return cls.paper(**values)
+        if preset == "official":
+            return cls.official(**values)
+        return cls._build({"preset": preset, **values})
+
+    def _base(self) -> SFPConfig:
+        if self.preset == "paper":
+            return SFPConfig.paper()
+        return SFPConfig(preset=self.preset)
+
+    def overrides(self) -> dict[str, Any]:
+        """Fields that differ from this configuration's preset."""
+        base = self._base()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "preset" and getattr(self, f.name) != getattr(base, f.name)
+        }
+
+    def to_code(self) -> str:
+        """A constructor call that rebuilds this configuration, listing only the fields that
+        differ from its preset, e.g. ``SFPConfig.official(top_k=5)``."""
+        args = ", ".join(f"{k}={v!r}" for k, v in self.overrides().items())
+        if self.preset in ("official", "paper"):
+            return f"SFPConfig.{self.preset}({args})"
+        return f"SFPConfig(preset='custom'{', ' if args else ''}{args})"
+
+    def __repr__(self) -> str:
+        return self.to_code()
+
+    def __hash__(self) -> int:
+        return hash(self.to_code())
+
+
+def _check_keys(values: Mapping[str, Any]) -> None:
+    names = [f.name for f in dataclasses.fields(SFPConfig)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"SFPConfig has no field {key!r}.{hint}")

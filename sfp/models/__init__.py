@@ -1,0 +1,5 @@
+"""sfp.models."""
+
+from sfp._lazy import attach
+
+__getattr__, __dir__ = attach(__name__, ("loading","synthetic","text",))

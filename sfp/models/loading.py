@@ -1,0 +1,414 @@
+"""Load an open_clip CLIP model into a :class:`ModelBundle`.
+
+``load_model`` accepts an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``,
+...), a local weights file (OpenAI TorchScript archive, OpenAI-format or open_clip state
+dict, ``.safetensors``), or ``None`` for random weights (tests only, asked for explicitly).
+
+It never falls back to random weights: when a tag's weights are neither cached nor
+downloadable it raises :class:`WeightsUnavailableError` with one sentence naming the way out
+(``pretrained="/path/to/weights.pt"`` or the ``SFP_CHECKPOINT`` environment variable).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import socket
+import threading
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Environment variable naming a local weights file; the CLI, demo and notebooks use it.
+CHECKPOINT_ENV = "SFP_CHECKPOINT"
+#: Seconds allowed for reaching the weights host before giving up.
+DOWNLOAD_TIMEOUT_S = 25.0
+#: open_clip stores OpenAI's CLIP normalisation constants here.
+OPENAI_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
+OPENAI_STD = tuple(open_clip.OPENAI_DATASET_STD)
+
+_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be found locally nor downloaded."""
+
+
+class ModelLoadError(ValueError):
+    """The model name, weights file or architecture is not usable."""
+
+
+@dataclass
+class ModelBundle:
+    """A loaded CLIP model with the facts the rest of the toolkit needs.
+
+    ``pretrained`` is the weights' description: a tag, a file path, ``"random"``, or
+    ``"synthetic (planted outliers)"`` for :mod:`sfp.models.synthetic` models.
+    """
+
+    model: nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor]
+    name: str
+    pretrained: str
+    patch_size: int
+    num_layers: int
+    width: int
+    heads: int
+    embed_dim: int
+    device: torch.device
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    quick_gelu: bool = False
+
+    @property
+    def visual(self) -> nn.Module:
+        """The open_clip ``VisionTransformer``."""
+        return self.model.visual
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.visual.conv1.weight.dtype
+
+    @property
+    def is_random(self) -> bool:
+        return self.pretrained == "random"
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.pretrained.startswith("synthetic")
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. ``"ViT-B-16 / openai"``; used in titles."""
+        return f"{self.name} / {self.pretrained}"
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelBundle(name={self.name!r}, pretrained={self.pretrained!r}, "
+            f"layers={self.num_layers}, width={self.width}, heads={self.heads}, "
+            f"patch={self.patch_size}, embed_dim={self.embed_dim}, device={self.device}, "
+            f"dtype={self.dtype}, quick_gelu={self.quick_gelu})"
+        )
+
+
+def _resolve_name(name: str) -> str:
+    models = open_clip.list_models()
+    cleaned = name.replace("/", "-")
+    if cleaned in models:
+        return cleaned
+    close = difflib.get_close_matches(cleaned, models, n=5, cutoff=0.5)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise ModelLoadError(f"Unknown open_clip model {name!r}.{hint} See open_clip.list_models().")
+
+
+def _check_vit_config(name: str) -> dict:
+    cfg = open_clip.get_model_config(name)
+    vcfg = cfg.get("vision_cfg", {})
+    if "timm_model_name" in vcfg or isinstance(vcfg.get("layers"), (list, tuple)):
+        raise ModelLoadError(
+            f"{name} does not have an open_clip ViT visual tower; SFP is defined on ViT "
+            "attention, so only ViT models (e.g. ViT-B-16, ViT-L-14) are supported."
+        )
+    return cfg
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Read a weights file -> (state dict, came from a TorchScript archive)."""
+    if _is_torchscript_archive(path):
+        try:
+            archive = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # pragma: no cover - depends on corrupt files
+            raise ModelLoadError(f"Could not read TorchScript archive {path}: {exc}") from exc
+        sd = {k: v for k, v in archive.state_dict().items() if k not in _JIT_EXTRA_KEYS}
+        return sd, True
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not read weights file {path} ({type(exc).__name__}): expected a CLIP "
+            "state dict (.pt/.bin/.safetensors) or an OpenAI TorchScript archive."
+        ) from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise ModelLoadError(f"Weights file {path} does not hold a state dict.")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    sd = {k: v for k, v in sd.items() if k not in _JIT_EXTRA_KEYS}
+    return sd, False
+
+
+def _load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    # TorchScript archives also carry non-persistent buffers (e.g. the text attn_mask).
+    buffers = {name for name, _ in model.named_buffers()}
+    sd = {k: v for k, v in sd.items() if k in own or k not in buffers}
+    mismatched = [
+        (k, tuple(own[k].shape), tuple(v.shape))
+        for k, v in sd.items()
+        if k in own and tuple(own[k].shape) != tuple(v.shape)
+    ]
+    if "logit_scale" in sd and sd["logit_scale"].ndim != own["logit_scale"].ndim:
+        sd = dict(sd, logit_scale=sd["logit_scale"].reshape(own["logit_scale"].shape))
+        mismatched = [m for m in mismatched if m[0] != "logit_scale"]
+    if mismatched:
+        k, exp, found = mismatched[0]
+        raise ModelLoadError(
+            f"Weights in {source} do not fit this architecture: {k} expected shape {exp}, "
+            f"found {found} ({len(mismatched)} mismatched tensors). Pick the model name that "
+            "matches the file (e.g. ViT-L-14 for a 1024-wide visual tower)."
+        )
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"Weights in {source} do not fit this architecture: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def _host_reachable(cfg: dict, timeout: float) -> bool:
+    host = "huggingface.co" if cfg.get("hf_hub") else None
+    if host is None and cfg.get("url"):
+        host = cfg["url"].split("/")[2]
+    if host is None:
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_pretrained(cfg: dict, cache_dir: str | None) -> str | None:
+    """Path of a tag's weights when already in the Hugging Face cache, else None."""
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    repo, filename = os.path.split(hub)
+    names = [filename] if filename else []
+    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for fname in names:
+        hit = try_to_load_from_cache(repo, fname, cache_dir=cache_dir)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+
+def _download_with_timeout(name: str, tag: str, cfg: dict, cache_dir: str | None) -> str:
+    way_out = (
+        f"pass a local file instead (load_model({name!r}, pretrained='/path/to/weights.pt') "
+        f"or --pretrained PATH, or set {CHECKPOINT_ENV}=/path/to/weights.pt)."
+    )
+    cached = _cached_pretrained(cfg, cache_dir)
+    if cached:
+        return cached
+    if not _host_reachable(cfg, timeout=min(10.0, DOWNLOAD_TIMEOUT_S)):
+        raise WeightsUnavailableError(
+            f"Could not download the {name} '{tag}' weights (no network and not in the "
+            f"local cache); {way_out}"
+        )
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["path"] = open_clip.pretrained.download_pretrained(cfg, cache_dir=cache_dir)
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(DOWNLOAD_TIMEOUT_S)
+    path = result.get("path")
+    if thread.is_alive() or not path or not os.path.isfile(path):
+        why = "timed out" if thread.is_alive() else f"failed: {result.get('error', 'no file')}"
+        raise WeightsUnavailableError(
+            f"Could not download the {name} '{tag}' weights (download {why}); {way_out}"
+        )
+    return path
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    name: str = "ViT-B-16",
+    pretrained: str | os.PathLike | None = "openai",
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    *,
+    quick_gelu: bool | None = None,
+    cache_dir: str | None = None,
+) -> ModelBundle:
+    """Load an open_clip ViT CLIP model.
+
+    Args:
+        name: open_clip model name (``open_clip.list_models()``), e.g. ``"ViT-B-16"``.
+        pretrained: a pretrained tag, a local weights file, or ``None`` for random weights.
+        device: ``"cpu"``, ``"cuda"``...; None picks CUDA when available.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+        quick_gelu: activation of the MLPs. None decides: True for the ``"openai"`` tag (and
+            any tag trained with QuickGELU) and for OpenAI TorchScript archives; for a plain
+            state-dict file the model config's default is used and a warning names it.
+        cache_dir: download cache for tags (default: the Hugging Face cache).
+
+    Raises:
+        WeightsUnavailableError: a tag's weights are not cached and cannot be downloaded.
+        ModelLoadError: unknown model, non-ViT model, unreadable or mismatched weights.
+    """
+    if precision not in _PRECISIONS:
+        raise ModelLoadError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
+    name = _resolve_name(name)
+    cfg = _check_vit_config(name)
+    cfg_quick_gelu = bool(cfg.get("quick_gelu", False))
+    if quick_gelu is False and cfg_quick_gelu:
+        raise ModelLoadError(f"{name} is a QuickGELU model; quick_gelu=False contradicts it.")
+    dev = _resolve_device(device)
+
+    state_dict: dict[str, torch.Tensor] | None = None
+    mean, std = OPENAI_MEAN, OPENAI_STD
+    if pretrained is None:
+        label = "random"
+        qg = bool(quick_gelu) or cfg_quick_gelu
+        log.warning("%s: weights are RANDOM (pretrained=None); results mean nothing.", name)
+    elif os.path.isfile(os.fspath(pretrained)):
+        path = Path(os.fspath(pretrained))
+        label = str(path)
+        state_dict, is_jit = _read_weights_file(path)
+        if quick_gelu is not None:
+            qg = quick_gelu or cfg_quick_gelu
+        elif is_jit or cfg_quick_gelu:
+            qg = True
+        else:
+            qg = False
+            log.warning(
+                "%s: a plain state dict cannot say which activation it was trained with; "
+                "using GELU (quick_gelu=False). OpenAI weights need quick_gelu=True "
+                "(or the model name %s-quickgelu).",
+                path.name,
+                name,
+            )
+    else:
+        tag = str(pretrained)
+        tag_cfg = open_clip.pretrained.get_pretrained_cfg(name, tag)
+        if not tag_cfg:
+            looks_like_path = os.sep in tag or tag.endswith((".pt", ".bin", ".safetensors"))
+            if looks_like_path:
+                raise ModelLoadError(f"Weights file not found: {tag}")
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ModelLoadError(
+                f"{tag!r} is neither a file nor a pretrained tag of {name}; tags: {tags}."
+            )
+        label = tag
+        qg = cfg_quick_gelu or (
+            bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
+        )
+        path = Path(_download_with_timeout(name, tag, tag_cfg, cache_dir))
+        state_dict, _ = _read_weights_file(path)
+        mean = tuple(tag_cfg.get("mean", OPENAI_MEAN))
+        std = tuple(tag_cfg.get("std", OPENAI_STD))
+
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=None, force_quick_gelu=qg
+    )
+    if state_dict is not None:
+        _load_state_dict_checked(model, state_dict, label)
+    if (mean, std) != (OPENAI_MEAN, OPENAI_STD):
+        preprocess = open_clip.image_transform(
+            model.visual.image_size, is_train=False, mean=mean, std=std
+        )
+    model = model.to(device=dev, dtype=_PRECISIONS[precision]).eval()
+    return bundle_from_model(
+        model, name=name, pretrained=label, preprocess=preprocess, quick_gelu=qg,
+        mean=mean, std=std,
+    )
+
+
+def bundle_from_model(
+    model: nn.Module,
+    *,
+    name: str,
+    pretrained: str,
+    preprocess: Callable[[Any], torch.Tensor] | None = None,
+    quick_gelu: bool = False,
+    mean: tuple[float, ...] = OPENAI_MEAN,
+    std: tuple[float, ...] = OPENAI_STD,
+) -> ModelBundle:
+    """Wrap an already-built open_clip CLIP model (ViT visual tower) in a bundle."""
+    visual = getattr(model, "visual", None)
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if visual is None or blocks is None or not hasattr(visual, "conv1"):
+        raise ModelLoadError(
+            "Only open_clip CLIP models with a ViT visual tower are supported "
+            f"(got {type(visual).__name__} as the visual tower)."
+        )
+    attn = blocks[0].attn
+    if not isinstance(attn, nn.MultiheadAttention):
+        raise ModelLoadError(
+            f"Unsupported attention module {type(attn).__name__}; sfp's forward needs "
+            "open_clip's standard ViT blocks (nn.MultiheadAttention)."
+        )
+    if getattr(visual, "attn_pool", None) is not None:
+        raise ModelLoadError("ViTs with attentional pooling (CoCa-style) are not supported.")
+    ps = visual.patch_size
+    ph, pw = (ps, ps) if isinstance(ps, int) else ps
+    if ph != pw:
+        raise ModelLoadError(f"Non-square patches {ps} are not supported.")
+    img = visual.image_size
+    image_size = (img, img) if isinstance(img, int) else tuple(img)
+    if preprocess is None:
+        preprocess = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
+    device = visual.conv1.weight.device
+    return ModelBundle(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        pretrained=pretrained,
+        patch_size=int(ph),
+        num_layers=len(blocks),
+        width=int(visual.transformer.width),
+        heads=int(attn.num_heads),
+        embed_dim=int(visual.output_dim),
+        device=device,
+        image_size=image_size,  # type: ignore[arg-type]
+        mean=tuple(mean),  # type: ignore[arg-type]
+        std=tuple(std),  # type: ignore[arg-type]
+        quick_gelu=quick_gelu,
+    )
+
+
+def default_pretrained() -> str:
+    """The weights the CLI/demo use by default: ``$SFP_CHECKPOINT`` if set, else ``"openai"``."""
+    return os.environ.get(CHECKPOINT_ENV) or "openai"

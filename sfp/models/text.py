@@ -1,0 +1,234 @@
+"""Class names, prompt templates and text query embeddings.
+
+A class is a list of synonyms. Class files hold one class per line with synonyms separated
+by ", " (the benchmark lists shipped in ``sfp/data``; voc21's first line is a background
+class with many stuff names). Every name becomes one text query: it is embedded with each
+prompt template, each embedding L2-normalised, averaged, and normalised again.
+"""
+
+from __future__ import annotations
+
+import difflib
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+
+Template = Callable[[str], str]
+ClassSpec = str | Path | Sequence[str | Sequence[str]]
+
+#: The 80 prompt templates OpenAI used for ImageNet zero-shot, as open_clip ships them.
+OPENAI_TEMPLATES: tuple[Template, ...] = tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+_BENCHMARK_FILES = (
+    "voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff164k",
+    "cityscapes", "ade20k",
+)
+
+
+class ClassListError(ValueError):
+    """A class list is empty, has empty names, or repeats a name."""
+
+
+def benchmark_names() -> tuple[str, ...]:
+    """Names of the shipped benchmark class lists."""
+    return _BENCHMARK_FILES
+
+
+def _split_names(line: str, where: str) -> list[str]:
+    names = [n.strip() for n in line.split(",")]
+    if any(not n for n in names):
+        raise ClassListError(f"{where}: empty name in {line!r} (synonyms are separated by ', ').")
+    return names
+
+
+def read_class_file(path: str | Path, allow_duplicates: bool = False) -> list[list[str]]:
+    """One class per non-empty line, synonyms separated by ", " -> list of synonym lists.
+
+    ``allow_duplicates`` accepts a name listed under two classes (the released COCO-Object
+    list has "bed" both in the background line and as a class); otherwise that is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No class file at {path}.")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    classes = [
+        _split_names(line, f"{path}:{i}") for i, line in enumerate(lines, 1) if line.strip()
+    ]
+    return validate_classes(classes, where=str(path), allow_duplicates=allow_duplicates)
+
+
+def benchmark_classes(name: str) -> list[list[str]]:
+    """The class list of a benchmark (``"voc21"``, ``"ade20k"``, ...), exactly as released.
+
+    Released lists may repeat a name across classes (coco_object: "bed"); it is kept, so
+    the query set matches the released protocol.
+    """
+    key = name.lower().replace("-", "_")
+    if key not in _BENCHMARK_FILES:
+        close = difflib.get_close_matches(key, _BENCHMARK_FILES, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ClassListError(
+            f"Unknown benchmark {name!r}.{hint} Known: {', '.join(_BENCHMARK_FILES)}."
+        )
+    with resources.as_file(resources.files("sfp") / "data" / f"{key}.txt") as p:
+        return read_class_file(p, allow_duplicates=True)
+
+
+def validate_classes(
+    classes: Sequence[Sequence[str]], where: str = "classes", allow_duplicates: bool = False
+) -> list[list[str]]:
+    """Check a list of synonym lists: non-empty, no empty names, no name used twice."""
+    if len(classes) == 0:
+        raise ClassListError(f"{where}: the class list is empty.")
+    seen: dict[str, int] = {}
+    out = []
+    for ci, syns in enumerate(classes):
+        syns = [s.strip() for s in syns]
+        if not syns or any(not s for s in syns):
+            raise ClassListError(f"{where}: class {ci} has an empty name ({list(syns)!r}).")
+        for s in syns:
+            if s in seen and not (allow_duplicates and seen[s] != ci):
+                other = seen[s]
+                raise ClassListError(
+                    f"{where}: the name {s!r} appears in class {other} and class {ci}; "
+                    "each name must belong to one class."
+                    if other != ci
+                    else f"{where}: the name {s!r} appears twice in class {ci}."
+                )
+            seen[s] = ci
+        out.append(syns)
+    return out
+
+
+def parse_classes(classes: ClassSpec) -> list[list[str]]:
+    """Normalise any accepted class specification to a list of synonym lists.
+
+    Accepts: a benchmark name (``"voc21"``), a class-file path, a ``"cat; dog; grass"``
+    string, a list of names (each may hold ", "-separated synonyms) or a list of lists.
+    """
+    if isinstance(classes, Path) or (isinstance(classes, str) and Path(classes).is_file()):
+        return read_class_file(classes)
+    if isinstance(classes, str):
+        if classes.lower().replace("-", "_") in _BENCHMARK_FILES:
+            return benchmark_classes(classes)
+        items = [c for c in classes.split(";") if c.strip()]
+        return validate_classes([_split_names(c, "classes") for c in items])
+    if not isinstance(classes, Sequence):
+        raise ClassListError(
+            f"classes must be a list of names, a list of synonym lists, a class file or a "
+            f"benchmark name; got {type(classes).__name__}."
+        )
+    out: list[list[str]] = []
+    for item in classes:
+        if isinstance(item, str):
+            out.append(_split_names(item, "classes"))
+        elif isinstance(item, Sequence) and all(isinstance(s, str) for s in item):
+            out.append(list(item))
+        else:
+            raise ClassListError(f"each class must be a name or a list of names, got {item!r}.")
+    return validate_classes(out)
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Text queries: one L2-normalised embedding per name.
+
+    embeddings: (Q, D); query_to_class: (Q,) long, class index of each query;
+    class_names: first name of each class; names: every query's name.
+    """
+
+    embeddings: torch.Tensor
+    query_to_class: torch.Tensor
+    class_names: list[str]
+    names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` trimmed to the longest prompt: (Q, 77) -> (Q, D).
+
+    The text transformer is causal and pools at the end-of-text token, so positions after
+    the longest prompt's EOT cannot change the result; dropping them saves most of the work.
+    """
+    pool_type = getattr(model, "text_pool_type", None)
+    mask = getattr(model, "attn_mask", None)
+    if not isinstance(model, open_clip.CLIP) or pool_type not in ("argmax", "first") or (
+        mask is None
+    ):
+        return model.encode_text(tokens)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    t = tokens[:, :n]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(t).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.transformer(x, attn_mask=mask[:n, :n])
+    x = model.ln_final(x)
+    x = text_global_pool(x, t, pool_type)
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def embed_names(
+    bundle,
+    names: Sequence[str],
+    templates: Sequence[Template] | None = None,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Template-averaged embedding per name: (len(names), D), float32, L2-normalised.
+
+    Results are cached per model and template set, so repeated calls are free.
+    """
+    templates = OPENAI_TEMPLATES if templates is None else tuple(templates)
+    if len(templates) == 0:
+        raise ClassListError("templates is empty; pass None for the 80 OpenAI templates.")
+    tkey = tuple(t("{}") if callable(t) else str(t) for t in templates)
+    fmt = [t if callable(t) else (lambda c, s=str(t): s.format(c)) for t in templates]
+    cache = _CACHE.setdefault(bundle.model, {})
+    todo = [n for n in dict.fromkeys(names) if (tkey, n) not in cache]
+    if todo:
+        device = next(bundle.model.parameters()).device
+        prompts = [f(n) for n in todo for f in fmt]
+        chunks = []
+        for i in range(0, len(prompts), batch_size):
+            tokens = bundle.tokenizer(prompts[i : i + batch_size]).to(device)
+            chunks.append(F.normalize(_encode_text(bundle.model, tokens).float(), dim=-1))
+        per = torch.cat(chunks).view(len(todo), len(fmt), -1)
+        mean = F.normalize(per.mean(dim=1), dim=-1).cpu()
+        for n, e in zip(todo, mean, strict=True):
+            cache[(tkey, n)] = e
+    return torch.stack([cache[(tkey, n)] for n in names])
+
+
+def embed_queries(
+    bundle,
+    classes: ClassSpec,
+    templates: Sequence[Template] | None = None,
+) -> Queries:
+    """Embed every name of every class.
+
+    Args:
+        bundle: a :class:`sfp.models.loading.ModelBundle`.
+        classes: see :func:`parse_classes`.
+        templates: callables ``name -> prompt`` or format strings with ``{}``; None = the 80
+            OpenAI ImageNet templates.
+    """
+    parsed = parse_classes(classes)
+    names = [n for syns in parsed for n in syns]
+    q2c = torch.tensor([ci for ci, syns in enumerate(parsed) for _ in syns], dtype=torch.long)
+    emb = embed_names(bundle, names, templates)
+    return Queries(emb, q2c, [syns[0] for syns in parsed], names)

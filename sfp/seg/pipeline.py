@@ -1,0 +1,768 @@
+"""Sliding-window open-vocabulary segmentation and its post-processing (DESIGN.md §5).
+
+>>> seg = Segmenter(bundle, "cat; dog; grass", method="sfp")
+>>> out = seg.predict("photo.jpg")          # Segmentation
+>>> out.labels.shape, out.probs.shape        # (H, W) int64, (C, H, W) float32
+>>> Image.fromarray(out.overlay()).save("overlay.png")
+
+The pipeline, one image at a time (the released SFP/SCLIP ``forward_slide`` and
+``postprocess_result``):
+
+1. resize so the short side is ``short_side`` and the long side at most ``max_long_side``
+   (mmcv's ``imrescale`` rule, bilinear, no antialiasing), normalise;
+2. :func:`slide_windows`: ``crop x crop`` windows every ``stride`` pixels, the last one flush
+   with the border (mmseg's slide inference); windows are ``min(crop, h) x min(crop, w)``
+   when the image is smaller than a crop;
+3. per window (``batch_size`` windows per encoder call): patch features, L2-normalised, dot
+   the text query embeddings -> cosine logits ``(Q, gh, gw)``, bilinearly upsampled to the
+   window (:func:`window_logits`);
+4. :func:`stitch`: summed over windows and divided by the per-pixel window count;
+5. bilinear upsampling to the original image size;
+6. :func:`postprocess`: ``* logit_scale``, softmax over queries, max over each class's
+   synonyms, optional area threshold, probability threshold -> class 0.
+
+Steps 1-4 are :meth:`Segmenter.predict_logits` (returns :class:`SegmentationScores`, the
+expensive part); steps 5-6 are :meth:`Segmenter.postprocess`, which takes overrides of
+``logit_scale``, ``prob_thd`` and ``area_thd``, so thresholds can be tuned on cached scores
+without re-encoding. :meth:`Segmenter.predict` does both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from sfp.core import forward
+from sfp.core.io import ImageSource, load_image, normalize
+from sfp.methods.encoders import Encoder, make_encoder
+from sfp.models.loading import ModelBundle
+from sfp.models.text import ClassSpec, Queries, embed_queries, parse_classes
+
+__all__ = [
+    "BENCHMARK_PRESETS",
+    "PALETTE",
+    "TEMPLATE_SETS",
+    "Segmentation",
+    "SegmentationScores",
+    "Segmenter",
+    "Window",
+    "inference_size",
+    "label_image",
+    "postprocess",
+    "resize_image",
+    "save_segmentation",
+    "slide_windows",
+    "stitch",
+    "window_logits",
+]
+
+Window = tuple[int, int, int, int]
+"""``(y0, x0, y1, x1)``: rows ``y0:y1`` and columns ``x0:x1`` of the resized image."""
+
+#: Named prompt-template sets: ``None`` means the 80 OpenAI ImageNet templates.
+TEMPLATE_SETS: dict[str, tuple[str, ...] | None] = {
+    "openai80": None,
+    "simple": ("a photo of a {}.",),
+}
+
+# Released hyper-parameters per benchmark. Every benchmark uses slide crop 224, stride 112
+# (the SFPForSegmentation defaults in Kimsure/SFP SFP_ICCV/SFP_segmentor.py: logit_scale 40,
+# prob_thd 0.0, area_thd None unless a config sets them) and ``Resize(scale=(2048, short))``.
+# Sources:
+#   voc21: Kimsure/SFP SFP_ICCV/test/20251207_184940/20251207_184940.log -- the config dump of
+#          the release's own VOC21 run (61.4 mIoU); identical to SC-CLIP's cfg_voc21.py.
+#   the other seven: Kimsure/SFP's configs/cfg_*.py are not in the stored release snapshot;
+#          SFP's configs are derived from SC-CLIP's (SFP README acknowledges SC-CLIP, and
+#          voc21 matches SC-CLIP's exactly), so they come from SuleBai/SC-CLIP
+#          configs/cfg_{voc20,context60,context59,coco_object,coco_stuff164k,city_scapes,
+#          ade20k}.py (same values as wangf3014/SCLIP's configs for the short sides).
+BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
+    # Kimsure/SFP SFP_ICCV/test/20251207_184940/20251207_184940.log (SC-CLIP cfg_voc21.py)
+    "voc21": dict(short_side=336, logit_scale=50.0, prob_thd=0.15, area_thd=0.1),
+    # SuleBai/SC-CLIP configs/cfg_voc20.py
+    "voc20": dict(short_side=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+    # SuleBai/SC-CLIP configs/cfg_context60.py
+    "context60": dict(short_side=336, logit_scale=40.0, prob_thd=0.15, area_thd=None),
+    # SuleBai/SC-CLIP configs/cfg_context59.py
+    "context59": dict(short_side=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+    # SuleBai/SC-CLIP configs/cfg_coco_object.py
+    "coco_object": dict(short_side=336, logit_scale=55.0, prob_thd=0.35, area_thd=None),
+    # SuleBai/SC-CLIP configs/cfg_coco_stuff164k.py
+    "coco_stuff164k": dict(short_side=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+    # SuleBai/SC-CLIP configs/cfg_city_scapes.py
+    "cityscapes": dict(short_side=560, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+    # SuleBai/SC-CLIP configs/cfg_ade20k.py
+    "ade20k": dict(short_side=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+}
+for _preset in BENCHMARK_PRESETS.values():
+    _preset.update(crop=224, stride=112, max_long_side=2048)
+del _preset
+
+
+def _voc_palette() -> np.ndarray:
+    """PASCAL VOC colour map: (256, 3) uint8, index 0 black, 255 (ignore) light grey-ish."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+#: Fixed class colours (the PASCAL VOC colour map): ``PALETTE[c]`` is class c's RGB colour.
+PALETTE: np.ndarray = _voc_palette()
+PALETTE.flags.writeable = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure stages
+# ---------------------------------------------------------------------------------------------
+
+
+def slide_windows(h: int, w: int, crop: int = 224, stride: int = 112) -> list[Window]:
+    """Sliding windows over an ``h x w`` image, as mmseg's slide inference places them.
+
+    Window starts are ``0, stride, 2 stride, ...``; the last window of a row/column is moved
+    back to end exactly at the border, and a window never starts before 0, so windows are
+    ``min(crop, h) x min(crop, w)`` and together cover every pixel. Row-major order.
+
+    Returns:
+        ``[(y0, x0, y1, x1), ...]`` with ``ceil(max(h - crop, 0) / stride) + 1`` rows of
+        ``ceil(max(w - crop, 0) / stride) + 1`` windows.
+    """
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got {h} x {w}.")
+    if crop < 1 or stride < 1:
+        raise ValueError(f"crop and stride must be positive, got crop={crop}, stride={stride}.")
+    h_grids = max(h - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w - crop + stride - 1, 0) // stride + 1
+    out: list[Window] = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y1 = min(hi * stride + crop, h)
+            x1 = min(wi * stride + crop, w)
+            out.append((max(y1 - crop, 0), max(x1 - crop, 0), y1, x1))
+    return out
+
+
+def inference_size(
+    h: int, w: int, short_side: int | None = 336, max_long_side: int | None = 2048
+) -> tuple[int, int]:
+    """Size the image is resized to, by mmcv's ``imrescale(img, (max_long, short))`` rule.
+
+    ``scale = min(max_long_side / max(h, w), short_side / min(h, w))`` and each side becomes
+    ``int(side * scale + 0.5)``. ``short_side=None`` keeps the size (the long-side cap still
+    applies when given).
+    """
+    if short_side is None and max_long_side is None:
+        return h, w
+    scales = []
+    if short_side is not None:
+        scales.append(short_side / min(h, w))
+    if max_long_side is not None:
+        scales.append(max_long_side / max(h, w))
+    scale = min(scales)
+    if short_side is None and scale >= 1:
+        return h, w
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+def resize_image(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False, no antialiasing, like cv2 INTER_LINEAR).
+
+    img: (3, H, W) or (B, 3, H, W) float -> same rank at ``size = (h, w)``.
+    """
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    batched = img.ndim == 4
+    x = img if batched else img[None]
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x if batched else x[0]
+
+
+def window_logits(
+    features: torch.Tensor, queries: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Cosine logits of each window, upsampled to the window.
+
+    features: (B, gh*gw, D) patch features (any scale); queries: (Q, D) L2-normalised text
+    embeddings; grid: (gh, gw); size: window (h, w) -> (B, Q, h, w) float32, bilinear
+    (align_corners=False).
+    """
+    b, n, _ = features.shape
+    gh, gw = grid
+    if n != gh * gw:
+        raise ValueError(f"{n} patch features do not fill a {gh} x {gw} grid.")
+    feats = F.normalize(features.float(), dim=-1)
+    logits = feats @ queries.to(device=feats.device, dtype=torch.float32).T  # (B, N, Q)
+    logits = logits.transpose(1, 2).reshape(b, -1, gh, gw)
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _accumulate(
+    acc: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, windows: Sequence[Window]
+) -> None:
+    """Add window logits (K, Q, hw, ww) into acc (Q, h, w) and count (1, h, w), in order."""
+    for lg, (y0, x0, y1, x1) in zip(logits, windows, strict=True):
+        acc[:, y0:y1, x0:x1] += lg
+        count[:, y0:y1, x0:x1] += 1
+
+
+def stitch(
+    logits: torch.Tensor | Sequence[torch.Tensor],
+    windows: Sequence[Window],
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """Average overlapping window logits into one map.
+
+    logits: (K, Q, hw, ww) (or K tensors (Q, hw, ww)), one per window of ``windows``;
+    size: (h, w) of the image the windows tile -> (Q, h, w): the per-pixel sum over the
+    windows covering it divided by their count.
+
+    Raises:
+        ValueError: some pixel is covered by no window.
+    """
+    if len(logits) != len(windows):
+        raise ValueError(f"{len(logits)} window logits for {len(windows)} windows.")
+    first = logits[0]
+    acc = first.new_zeros((first.shape[0], *size), dtype=torch.float32)
+    count = first.new_zeros((1, *size), dtype=torch.float32)
+    _accumulate(acc, count, [lg.float() for lg in logits], windows)
+    if bool((count == 0).any()):
+        raise ValueError("the windows do not cover the whole image.")
+    return acc / count
+
+
+def _class_max(probs: torch.Tensor, query_to_class: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Max over each class's queries: (Q, H, W), (Q,) -> (C, H, W)."""
+    q = probs.shape[0]
+    q2c = query_to_class.to(probs.device)
+    if q == num_classes and bool((q2c == torch.arange(q, device=q2c.device)).all()):
+        return probs
+    flat = probs.reshape(q, -1)
+    out = flat.new_zeros((num_classes, flat.shape[1]))
+    index = q2c[:, None].expand_as(flat)
+    out = out.scatter_reduce(0, index, flat, reduce="amax", include_self=False)
+    return out.reshape(num_classes, *probs.shape[1:])
+
+
+def postprocess(
+    scores: torch.Tensor,
+    query_to_class: torch.Tensor | Sequence[int],
+    *,
+    logit_scale: float = 40.0,
+    prob_thd: float = 0.0,
+    area_thd: float | None = None,
+    num_classes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn cosine logits into labels, as the released ``postprocess_result`` does.
+
+    1. ``probs = softmax(logit_scale * scores)`` over the Q queries;
+    2. class probability = max over the class's queries (synonyms);
+    3. area threshold (when ``area_thd`` is not None): with ``a_c`` the number of pixels whose
+       argmax is c, a class c >= 1 is kept only if ``a_c > area_thd * sum_{c' >= 1} a_c'``
+       (class 0 is background and always kept); a dropped class's probabilities become 0,
+       so its pixels go to their next most probable class;
+    4. labels = argmax (first index on ties); pixels whose maximum probability is below
+       ``prob_thd`` become 0 (background).
+
+    Args:
+        scores: (Q, H, W) cosine logits (features and queries L2-normalised).
+        query_to_class: (Q,) class index of each query.
+        num_classes: C; default ``max(query_to_class) + 1``.
+
+    Returns:
+        labels (H, W) int64 and probs (C, H, W) float32 (after step 3), on scores' device.
+    """
+    if scores.ndim != 3:
+        raise ValueError(f"scores must be (Q, H, W), got {tuple(scores.shape)}.")
+    q2c = torch.as_tensor(query_to_class, dtype=torch.long, device=scores.device)
+    if q2c.shape != (scores.shape[0],):
+        raise ValueError(f"query_to_class has {q2c.numel()} entries for {scores.shape[0]} queries.")
+    c = int(q2c.max()) + 1 if num_classes is None else int(num_classes)
+    probs = torch.softmax(scores.float() * float(logit_scale), dim=0)
+    probs = _class_max(probs, q2c, c)
+    if area_thd is not None:
+        pred = probs.argmax(0)
+        area = torch.bincount(pred.flatten(), minlength=c)[1:].to(torch.float32)
+        keep = area > float(area_thd) * area.sum()  # float32, as the release computes it
+        probs[1:] *= keep.to(probs.dtype)[:, None, None]
+    best = probs.amax(0)
+    labels = probs.argmax(0)
+    labels[best < prob_thd] = 0
+    return labels, probs
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+def label_image(labels: np.ndarray | torch.Tensor) -> Image.Image:
+    """Label map (H, W) of class indices -> PIL image: a palette PNG ('P', colours from
+    :data:`PALETTE`, pixel values = class indices) when all indices < 256, else 16-bit
+    grayscale ('I;16')."""
+    arr = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise ValueError("label values must be in 0..65535 to be stored as a PNG.")
+    if arr.size == 0 or arr.max() < 256:
+        im = Image.fromarray(arr.astype(np.uint8)).convert("P")
+        im.putpalette(PALETTE.reshape(-1).tolist())
+        return im
+    return Image.fromarray(arr.astype(np.uint16))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
+    x0, _, x1, _ = draw.textbbox((0, 0), text, font=font)
+    return int(math.ceil(x1 - x0))
+
+
+@dataclass(eq=False)
+class Segmentation:
+    """A segmentation of one image.
+
+    Attributes:
+        labels: (H, W) int64 class indices at the original resolution.
+        probs: (C, H, W) float32 class probabilities (after the area threshold; labels are
+            their argmax, then pixels below ``prob_thd`` set to 0).
+        class_names: C display names (the first synonym of each class).
+        image: (H, W, 3) uint8 RGB of the input, for :meth:`overlay` (None if not kept).
+        params: the post-processing values used (logit_scale, prob_thd, area_thd).
+    """
+
+    labels: torch.Tensor
+    probs: torch.Tensor
+    class_names: list[str]
+    image: np.ndarray | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def present(self) -> list[int]:
+        """Indices of the classes that label at least one pixel, ascending."""
+        return [int(c) for c in torch.unique(self.labels).tolist()]
+
+    def areas(self) -> dict[str, float]:
+        """Fraction of the image each present class covers: ``{name: fraction}``."""
+        counts = torch.bincount(self.labels.flatten(), minlength=self.num_classes)
+        total = float(self.labels.numel())
+        return {self.class_names[c]: float(counts[c]) / total for c in self.present()}
+
+    def label_image(self) -> Image.Image:
+        """The labels as a palette PNG image (see :func:`label_image`)."""
+        return label_image(self.labels)
+
+    def colorize(self) -> np.ndarray:
+        """Labels painted with :data:`PALETTE`: (H, W, 3) uint8."""
+        return PALETTE[self.labels.cpu().numpy() % 256]
+
+    def overlay(self, alpha: float = 0.5, legend: bool = True) -> np.ndarray:
+        """The image blended with the class colours, with a legend of the classes present.
+
+        ``out = (1 - alpha) * image + alpha * colour``. With ``legend`` a white panel listing
+        the present classes (colour swatch + name) is appended on the right, so the result is
+        ``(max(H, legend height), W + legend width, 3)`` uint8 with the blend at ``[:H, :W]``;
+        without it exactly (H, W, 3).
+        """
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        colours = self.colorize().astype(np.float32)
+        h, w = colours.shape[:2]
+        if self.image is None:
+            base = np.zeros_like(colours)
+        else:
+            base = self.image.astype(np.float32)
+        blend = np.clip((1.0 - alpha) * base + alpha * colours + 0.5, 0, 255).astype(np.uint8)
+        if not legend:
+            return blend
+        present = self.present()
+        size = max(10, min(24, round(max(h, w) / 40)))
+        font = _font(size)
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        line = size + 6
+        pad = 6
+        names = [self.class_names[c] if c < self.num_classes else str(c) for c in present]
+        text_w = max((_text_width(probe, n, font) for n in names), default=0)
+        panel_w = pad + size + pad + text_w + pad
+        panel_h = pad + line * len(present) + pad
+        out = Image.new("RGB", (w + panel_w, max(h, panel_h)), (255, 255, 255))
+        out.paste(Image.fromarray(blend), (0, 0))
+        draw = ImageDraw.Draw(out)
+        for k, (c, name) in enumerate(zip(present, names, strict=True)):
+            y = pad + k * line
+            colour = tuple(int(v) for v in PALETTE[c % 256])
+            draw.rectangle([w + pad, y, w + pad + size, y + size], fill=colour, outline=(0, 0, 0))
+            draw.text((w + pad + size + pad, y), name, fill=(0, 0, 0), font=font)
+        return np.asarray(out, dtype=np.uint8)
+
+    def __repr__(self) -> str:
+        h, w = self.labels.shape
+        names = [self.class_names[c] for c in self.present() if c < self.num_classes]
+        return f"Segmentation({h} x {w}, {self.num_classes} classes, present={names})"
+
+
+@dataclass(eq=False)
+class SegmentationScores:
+    """Window-averaged cosine logits of one image, before post-processing.
+
+    Attributes:
+        logits: (Q, h, w) float32 at the inference resolution (after resizing).
+        size: (H, W) of the original image; :meth:`upsampled` gives (Q, H, W).
+        query_to_class: (Q,) class index of each query.
+        class_names: C display names.
+        image: (H, W, 3) uint8 input (for overlays), or None.
+    """
+
+    logits: torch.Tensor
+    size: tuple[int, int]
+    query_to_class: torch.Tensor
+    class_names: list[str]
+    image: np.ndarray | None = None
+
+    def upsampled(self) -> torch.Tensor:
+        """Bilinear (align_corners=False) upsampling to the original size: (Q, H, W)."""
+        if tuple(self.logits.shape[-2:]) == tuple(self.size):
+            return self.logits
+        return F.interpolate(
+            self.logits[None], size=tuple(self.size), mode="bilinear", align_corners=False
+        )[0]
+
+    def to(self, device: torch.device | str) -> SegmentationScores:
+        """A copy with the tensors on ``device``."""
+        return SegmentationScores(
+            self.logits.to(device), self.size, self.query_to_class.to(device),
+            self.class_names, self.image,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmenter
+# ---------------------------------------------------------------------------------------------
+
+
+class _Keep:
+    """Type of :data:`KEEP`."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: Default of :meth:`Segmenter.postprocess`'s ``area_thd``: keep the segmenter's value.
+KEEP = _Keep()
+
+
+def _resolve_templates(templates: str | Sequence[Any] | None) -> Sequence[Any] | None:
+    if isinstance(templates, str):
+        if templates not in TEMPLATE_SETS:
+            raise ValueError(
+                f"Unknown template set {templates!r}; use one of {', '.join(TEMPLATE_SETS)}, "
+                "a list of format strings with '{}', or None (the 80 OpenAI templates)."
+            )
+        return TEMPLATE_SETS[templates]
+    return templates
+
+
+def _templates_key(templates: str | Sequence[Any] | None) -> str | list[str]:
+    """JSON-friendly description of a template choice."""
+    if templates is None:
+        return "openai80"
+    if isinstance(templates, str):
+        return templates
+    return [t("{}") if callable(t) else str(t) for t in templates]
+
+
+def _to_image(image: ImageSource) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]; HxWx3 uint8 arrays (dataset samples) take a fast path."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and (
+        image.shape[-1] == 3
+    ):
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
+    return load_image(image)
+
+
+def _uint8(img: torch.Tensor) -> np.ndarray:
+    return (img.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+class Segmenter:
+    """Open-vocabulary semantic segmentation with a training-free dense CLIP encoder.
+
+    Args:
+        bundle: the loaded CLIP model (:func:`sfp.models.loading.load_model`).
+        classes: a benchmark name (``"voc21"``), a class file, ``"cat; dog; grass"``, a list
+            of names (", "-separated synonyms allowed) or a list of synonym lists.
+        method: an encoder method of :func:`sfp.methods.encoders.make_encoder` (``"sfp"``,
+            ``"clip"``, ...) or an :class:`~sfp.methods.encoders.Encoder` instance.
+        config: the method's configuration (for ``"sfp"``: an ``SFPConfig`` or ``"official"``
+            / ``"paper"``); None = the method's defaults.
+        short_side, max_long_side: resize rule (:func:`inference_size`); None = keep.
+        crop, stride: sliding windows (:func:`slide_windows`).
+        logit_scale, prob_thd, area_thd: post-processing (:func:`postprocess`).
+        batch_size: windows per encoder call (results do not depend on it).
+        templates: prompt templates: None / ``"openai80"`` (the 80 OpenAI ImageNet templates),
+            ``"simple"`` (``"a photo of a {}."``), or a list of format strings / callables.
+
+    Text queries are embedded once, on first use, and kept.
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        classes: ClassSpec,
+        method: str | Encoder = "sfp",
+        config: Any = None,
+        short_side: int | None = 336,
+        crop: int = 224,
+        stride: int = 112,
+        logit_scale: float = 40.0,
+        prob_thd: float = 0.0,
+        area_thd: float | None = None,
+        batch_size: int = 8,
+        templates: str | Sequence[str | Callable[[str], str]] | None = None,
+        max_long_side: int | None = 2048,
+    ) -> None:
+        if crop < bundle.patch_size:
+            raise ValueError(f"crop ({crop}) must be at least one patch ({bundle.patch_size}).")
+        if stride < 1 or stride > crop:
+            raise ValueError(f"stride must be in 1..crop ({crop}), got {stride}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if short_side is not None and short_side < 1:
+            raise ValueError(f"short_side must be positive or None, got {short_side}.")
+        self._check_post(logit_scale, prob_thd, area_thd)
+        self.bundle = bundle
+        self.classes = parse_classes(classes)
+        self.class_spec = classes if isinstance(classes, str) else None
+        self._classes_arg = classes  # released lists may repeat a name (coco_object "bed")
+        if isinstance(method, Encoder):
+            if config is not None:
+                raise ValueError("config must be None when method is an Encoder instance.")
+            self.encoder = method
+        else:
+            self.encoder = make_encoder(bundle, method, config)
+        self.method = getattr(self.encoder, "name", str(method))
+        self.short_side = short_side
+        self.max_long_side = max_long_side
+        self.crop = int(crop)
+        self.stride = int(stride)
+        self.logit_scale = float(logit_scale)
+        self.prob_thd = float(prob_thd)
+        self.area_thd = None if area_thd is None else float(area_thd)
+        self.batch_size = int(batch_size)
+        self.templates = templates
+        _resolve_templates(templates)
+        self._queries: Queries | None = None
+        self._query_emb: torch.Tensor | None = None
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def for_benchmark(cls, bundle: ModelBundle, name: str, **overrides: Any) -> Segmenter:
+        """A segmenter with the released hyper-parameters of benchmark ``name``.
+
+        ``overrides`` replace any argument of :class:`Segmenter` (``method``, ``config``,
+        ``templates``, ``logit_scale``, ...); the classes are the benchmark's class list.
+        See :data:`BENCHMARK_PRESETS`.
+        """
+        key = name.lower().replace("-", "_")
+        if key not in BENCHMARK_PRESETS:
+            raise ValueError(
+                f"Unknown benchmark {name!r}; known: {', '.join(BENCHMARK_PRESETS)}."
+            )
+        kwargs: dict[str, Any] = {**BENCHMARK_PRESETS[key], **overrides}
+        kwargs.setdefault("classes", key)
+        return cls(bundle, **kwargs)
+
+    @staticmethod
+    def _check_post(logit_scale: float, prob_thd: float, area_thd: float | None) -> None:
+        if not logit_scale > 0:
+            raise ValueError(f"logit_scale must be positive, got {logit_scale}.")
+        if not 0.0 <= prob_thd <= 1.0:
+            raise ValueError(f"prob_thd must be in [0, 1], got {prob_thd}.")
+        if area_thd is not None and not 0.0 <= area_thd <= 1.0:
+            raise ValueError(f"area_thd must be in [0, 1] or None, got {area_thd}.")
+
+    # -- text --------------------------------------------------------------------------------
+    @property
+    def queries(self) -> Queries:
+        """The text queries (embedded on first access, then cached)."""
+        if self._queries is None:
+            self._queries = embed_queries(
+                self.bundle, self._classes_arg, _resolve_templates(self.templates)
+            )
+            if len(self._queries.class_names) != self.num_classes:  # pragma: no cover
+                raise RuntimeError("text queries and classes disagree")
+            self._query_emb = self._queries.embeddings.to(self.bundle.device, torch.float32)
+        return self._queries
+
+    @property
+    def class_names(self) -> list[str]:
+        """C display names: the first synonym of each class; for a benchmark with a
+        background class (voc21, context60, coco_object) class 0 is ``"background"``."""
+        names = [syns[0] for syns in self.classes]
+        key = self.class_spec.lower().replace("-", "_") if self.class_spec else None
+        if key in BENCHMARK_PRESETS:
+            from sfp.seg.datasets import get_spec
+
+            if get_spec(key).has_background:
+                names[0] = "background"
+        return names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def params(self) -> dict[str, Any]:
+        """The segmenter's settings as a JSON-friendly dict (batch_size excluded: it does not
+        change results)."""
+        return {
+            "short_side": self.short_side,
+            "max_long_side": self.max_long_side,
+            "crop": self.crop,
+            "stride": self.stride,
+            "logit_scale": self.logit_scale,
+            "prob_thd": self.prob_thd,
+            "area_thd": self.area_thd,
+            "templates": _templates_key(self.templates),
+        }
+
+    # -- inference ---------------------------------------------------------------------------
+    def _windows_batches(
+        self, x: torch.Tensor, windows: list[Window]
+    ) -> Iterator[tuple[torch.Tensor, list[Window]]]:
+        for i in range(0, len(windows), self.batch_size):
+            chunk = windows[i : i + self.batch_size]
+            crops = torch.stack([x[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
+            yield crops, chunk
+
+    @torch.no_grad()
+    def _logits(self, img: torch.Tensor) -> torch.Tensor:
+        """img: (3, H, W) in [0, 1] -> (Q, h, w) window-averaged logits on the device."""
+        queries = self.queries  # noqa: F841 - embeds on first use
+        emb = self._query_emb
+        assert emb is not None
+        device = self.bundle.device
+        h0, w0 = img.shape[-2:]
+        size = inference_size(h0, w0, self.short_side, self.max_long_side)
+        x = resize_image(img.to(device), size)
+        x = normalize(x, self.bundle).to(self.bundle.dtype)
+        h, w = size
+        windows = slide_windows(h, w, self.crop, self.stride)
+        hw, ww = windows[0][2] - windows[0][0], windows[0][3] - windows[0][1]
+        grid = forward.patch_grid(self.bundle.visual, hw, ww)
+        if grid[0] < 1 or grid[1] < 1:
+            raise ValueError(
+                f"the image is {h} x {w} px after resizing (short_side={self.short_side}), "
+                f"smaller than one {self.bundle.patch_size} px patch; raise short_side."
+            )
+        acc = torch.zeros((emb.shape[0], h, w), dtype=torch.float32, device=device)
+        count = torch.zeros((1, h, w), dtype=torch.float32, device=device)
+        for crops, chunk in self._windows_batches(x, windows):
+            feats = self.encoder.encode_patches(crops)
+            _accumulate(acc, count, window_logits(feats, emb, grid, (hw, ww)), chunk)
+        return acc / count
+
+    def predict_logits(self, image: ImageSource) -> SegmentationScores:
+        """Steps 1-4: the expensive part, without post-processing.
+
+        image: a path, PIL image, (H, W, 3) array or (3, H, W) tensor in [0, 1] ->
+        :class:`SegmentationScores` (logits (Q, h, w) at the inference resolution, on the CPU).
+        Pass it to :meth:`postprocess` (any number of times, with other thresholds).
+        """
+        img = _to_image(image)
+        logits = self._logits(img)
+        return SegmentationScores(
+            logits=logits.cpu(),
+            size=(int(img.shape[-2]), int(img.shape[-1])),
+            query_to_class=self.queries.query_to_class.clone(),
+            class_names=self.class_names,
+            image=_uint8(img),
+        )
+
+    def postprocess(
+        self,
+        scores: SegmentationScores,
+        *,
+        logit_scale: float | None = None,
+        prob_thd: float | None = None,
+        area_thd: float | None | _Keep = KEEP,
+    ) -> Segmentation:
+        """Steps 5-6 on cached scores; keyword overrides replace the segmenter's values
+        (``area_thd=None`` switches the area threshold off; leave it out to keep the
+        segmenter's)."""
+        ls = self.logit_scale if logit_scale is None else float(logit_scale)
+        pt = self.prob_thd if prob_thd is None else float(prob_thd)
+        at = self.area_thd if isinstance(area_thd, _Keep) else area_thd
+        self._check_post(ls, pt, at)
+        device = self.bundle.device
+        up = scores.to(device).upsampled()
+        labels, probs = postprocess(
+            up, scores.query_to_class, logit_scale=ls, prob_thd=pt, area_thd=at,
+            num_classes=len(scores.class_names),
+        )
+        return Segmentation(
+            labels=labels.cpu(), probs=probs.cpu(), class_names=list(scores.class_names),
+            image=scores.image, params={"logit_scale": ls, "prob_thd": pt, "area_thd": at},
+        )
+
+    def predict(self, image: ImageSource) -> Segmentation:
+        """Segment one image: :meth:`predict_logits` then :meth:`postprocess`."""
+        return self.postprocess(self.predict_logits(image))
+
+    __call__ = predict
+
+    def predict_labels(self, image: ImageSource) -> torch.Tensor:
+        """Only the label map (H, W) int64 on the CPU (evaluation's fast path: no probs copy)."""
+        img = _to_image(image)
+        logits = self._logits(img)
+        up = F.interpolate(
+            logits[None], size=tuple(img.shape[-2:]), mode="bilinear", align_corners=False
+        )[0]
+        labels, _ = postprocess(
+            up, self.queries.query_to_class, logit_scale=self.logit_scale,
+            prob_thd=self.prob_thd, area_thd=self.area_thd, num_classes=self.num_classes,
+        )
+        return labels.cpu()
+
+    def __repr__(self) -> str:
+        p = self.params()
+        return (
+            f"Segmenter(method={self.method!r}, model={self.bundle.label!r}, "
+            f"classes={self.num_classes}, "
+            + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "templates")
+            + f", batch_size={self.batch_size})"
+        )
+
+
+def save_segmentation(seg: Segmentation, out_dir: str | os.PathLike[str], stem: str,
+                      alpha: float = 0.5) -> tuple[Path, Path]:
+    """Write ``{stem}_labels.png`` (palette PNG of class indices) and ``{stem}_overlay.png``
+    into ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lab_path = out / f"{stem}_labels.png"
+    ov_path = out / f"{stem}_overlay.png"
+    seg.label_image().save(lab_path, format="PNG")
+    Image.fromarray(seg.overlay(alpha)).save(ov_path, format="PNG")
+    return lab_path, ov_path

@@ -1,0 +1,5 @@
+"""sfp.viz."""
+
+from sfp._lazy import attach
+
+__getattr__, __dir__ = attach(__name__, ("demo", "figures", "widgets"))

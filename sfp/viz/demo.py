@@ -1,0 +1,307 @@
+"""``sfp demo`` (``make demo``): the five analysis figure families on four images, one report.
+
+It loads ViT-B/16 with pretrained weights when they are available (``$SFP_CHECKPOINT`` or the
+``openai`` tag from the local cache / the network) and otherwise the planted-outlier model of
+:mod:`sfp.models.synthetic` — saying which, at the top of the report and in the terminal. Then, for
+three scikit-image photos and one generated scene, it records every layer, runs the outlier
+detectors and the SFP stages, and writes ``demo_output/report.html`` with the figures (PNG)
+and a short text for each saying what to look at, plus ``interactive.html`` (plotly,
+offline). The terminal shows the text queries embedded, a per-layer outlier table for one
+image, the tokens SOM flags there and how much SFP's features differ from CLIP's.
+
+Options: ``--out DIR`` (default ``demo_output``), ``--quick`` (one image, no interactive
+page), ``--synthetic`` (skip looking for weights), ``--model NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+__all__ = ["DEMO_IMAGES", "DEMO_TEMPLATES", "generated_scene", "register_cli", "run_demo"]
+
+#: The scikit-image photos the demo uses (bundled with scikit-image, no download).
+DEMO_IMAGES = ("astronaut", "chelsea", "coffee")
+#: One prompt template keeps text embedding of the 56 voc21 names to a few seconds on a CPU
+#: (the paper averages the 80 OpenAI ImageNet templates).
+DEMO_TEMPLATES = ("a photo of a {}.",)
+DEMO_CLASSES = "voc21"
+
+
+def generated_scene(height: int = 224, width: int = 320, seed: int = 0) -> np.ndarray:
+    """A drawn landscape (sky, sun, hills, meadow, a house and a tree): (H, W, 3) float32 in
+    [0, 1]. Deterministic for a seed; non-square by default, so its patch grid is too."""
+    from skimage.draw import disk, polygon
+
+    rng = np.random.default_rng(seed)
+    img = np.zeros((height, width, 3), np.float32)
+    yy = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    horizon = int(0.58 * height)
+    sky_top, sky_low = np.array([0.30, 0.50, 0.85]), np.array([0.72, 0.84, 0.96])
+    img[:] = (sky_top + (sky_low - sky_top) * (yy / 0.58)[..., None]).clip(0, 1)
+    rr, cc = disk((0.17 * height, 0.80 * width), 0.075 * height, shape=img.shape[:2])
+    img[rr, cc] = (1.0, 0.86, 0.35)
+    xs = np.arange(width)
+    ridge = horizon - (0.10 * height * (1 + np.sin(xs / width * 7.0 + 0.6)) / 2
+                       + 0.04 * height * np.sin(xs / width * 23.0)).astype(int)
+    for x in range(width):
+        img[ridge[x]:horizon, x] = (0.42, 0.50, 0.62)
+    grass = np.array([0.30, 0.58, 0.22], np.float32)
+    noise = rng.normal(0, 0.05, (height - horizon, width, 1)).astype(np.float32)
+    shade = np.linspace(0.9, 1.1, height - horizon, dtype=np.float32)[:, None, None]
+    img[horizon:] = np.clip(grass * shade + noise, 0, 1)
+    # House: walls, roof, door, windows.
+    x0, x1 = int(0.14 * width), int(0.42 * width)
+    y0, y1 = int(0.50 * height), int(0.86 * height)
+    img[y0:y1, x0:x1] = (0.78, 0.22, 0.18)
+    rr, cc = polygon([y0, int(0.30 * height), y0],
+                     [x0 - 0.03 * width, (x0 + x1) / 2, x1 + 0.03 * width], shape=img.shape[:2])
+    img[rr, cc] = (0.30, 0.20, 0.18)
+    dx0 = int(x0 + 0.42 * (x1 - x0))
+    img[int(0.68 * height):y1, dx0:dx0 + int(0.16 * (x1 - x0))] = (0.35, 0.22, 0.12)
+    for wx in (x0 + int(0.10 * (x1 - x0)), x0 + int(0.68 * (x1 - x0))):
+        img[int(0.58 * height):int(0.70 * height), wx:wx + int(0.20 * (x1 - x0))] = \
+            (0.85, 0.92, 1.0)
+    # Tree: trunk and a textured canopy.
+    tx = int(0.70 * width)
+    img[int(0.55 * height):int(0.84 * height), tx - 5:tx + 5] = (0.40, 0.26, 0.13)
+    rr, cc = disk((0.46 * height, tx), 0.15 * height, shape=img.shape[:2])
+    leaf = np.array([0.16, 0.42, 0.14], np.float32)
+    img[rr, cc] = np.clip(leaf + rng.normal(0, 0.06, (len(rr), 3)), 0, 1)
+    return img
+
+
+def _say(stream: TextIO, text: str = "") -> None:
+    print(text, file=stream, flush=True)
+
+
+def _load(model: str, synthetic: bool, device: str | None, stream: TextIO) -> tuple[Any, str]:
+    """(bundle, sentence saying which weights are used and why)."""
+    from sfp.models.loading import WeightsUnavailableError, default_pretrained, load_model
+    from sfp.models.synthetic import planted_model
+
+    if not synthetic:
+        tag = default_pretrained()
+        try:
+            bundle = load_model(model, tag, device=device)
+            return bundle, f"Using pretrained weights: {bundle.label}."
+        except WeightsUnavailableError as exc:
+            why = f"No pretrained weights: {exc}"
+    else:
+        why = "Pretrained weights not looked for (--synthetic)."
+    bundle, _truth = planted_model(model, device=device or "cpu")
+    return bundle, (
+        f"{why} Running on {bundle.label} instead — a random "
+        f"{model} whose weights are edited so that outliers appear at known places; every "
+        "figure is labelled 'synthetic (planted outliers)' and says nothing about real CLIP. "
+        "For the real picture: SFP_CHECKPOINT=/path/to/weights.pt make demo."
+    )
+
+
+def _layer_table(rep: Any) -> list[str]:
+    stats = rep.stats
+    dets = list(stats.counts)
+    head = f"{'layer':>5} {'max ‖h‖':>10} {'median ‖h‖':>11} {'max/med':>8} " + " ".join(
+        f"{d:>7}" for d in dets)
+    lines = [head, "-" * len(head)]
+    for i, layer in enumerate(stats.layers):
+        mx, md = float(stats.max_norm[i, 0]), float(stats.median_norm[i, 0])
+        lines.append(f"{layer:>5} {mx:>10.1f} {md:>11.1f} {mx / md:>8.1f} "
+                     + " ".join(f"{int(stats.counts[d][i, 0]):>7}" for d in dets))
+    return lines
+
+
+def _som_lines(rep: Any) -> list[str]:
+    ab = rep.ablation
+    gh, gw = ab.grid
+    idx = np.nonzero(ab.outliers.reshape(-1))[0]
+    toks = ", ".join(f"#{i} (r{i // gw},c{i % gw})" for i in idx) or "none"
+    k = ab.columns.index("SFP (SOM+SAE+HAI)")
+    cos = ab.cosine(k, 0)
+    flagged = ab.outliers.reshape(-1)
+    lines = [
+        f"SOM ({ab.config}, layer {ab.detect_layer}) flags {len(idx)} of {gh * gw} patch "
+        f"tokens: {toks}",
+        f"SFP vs plain CLIP patch features, cosine similarity: mean {cos.mean():.3f} over all "
+        f"{gh * gw} patches",
+    ]
+    if flagged.any():
+        lines.append(f"    at the {int(flagged.sum())} flagged tokens {cos[flagged].mean():.3f}"
+                     f", elsewhere {cos[~flagged].mean():.3f}")
+    return lines
+
+
+def _pre(lines: Sequence[str]) -> str:
+    return "<pre>" + html.escape("\n".join(lines)) + "</pre>"
+
+
+def run_demo(
+    out: str | Path = "demo_output",
+    *,
+    quick: bool = False,
+    model: str = "ViT-B-16",
+    synthetic: bool = False,
+    device: str | None = None,
+    bundle: Any = None,
+    stream: TextIO | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run the demo; returns the path of ``report.html``.
+
+    quick: one image and no interactive page (tests use it). bundle: use this model instead
+    of loading one (its label decides what the report says).
+    """
+    from tqdm.auto import tqdm
+
+    from sfp.core.io import sample_images
+    from sfp.models.text import embed_queries
+    from sfp.viz.figures.export import IndexEntry, write_html_page, write_plotly_page
+    from sfp.viz.figures.render import render_image, render_som_detections
+    from sfp.viz.figures.views import image_view
+
+    stream = stream or sys.stdout
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _say(stream, "sfp demo — attention outliers in CLIP and what SFP does about them")
+    if bundle is None:
+        bundle, weights_note = _load(model, synthetic, device, stream)
+    elif bundle.is_synthetic:
+        weights_note = (f"Running on {bundle.label}: a random {bundle.name} with outliers "
+                        "planted at known places; nothing here says anything about real CLIP.")
+    else:
+        weights_note = f"Using {bundle.label}."
+    _say(stream, weights_note)
+
+    photos = sample_images()
+    sources: list[tuple[str, Any, bool]] = [(n, photos[n], True) for n in DEMO_IMAGES]
+    sources.append(("generated_scene", generated_scene(), False))
+    if quick:
+        sources = sources[:1]
+    total = 2 + 7 * len(sources) + 1
+    bar = tqdm(total=total, desc="demo", unit="step", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+
+    t = time.perf_counter()
+    queries = embed_queries(bundle, DEMO_CLASSES, list(DEMO_TEMPLATES))
+    t_text = time.perf_counter() - t
+    bar.update(1)
+    text_lines = [
+        f"{'class list':<12} {'classes':>8} {'names':>8} {'templates':>10} {'dim':>6} "
+        f"{'seconds':>8}",
+        f"{DEMO_CLASSES:<12} {queries.num_classes:>8} {len(queries.names):>8} "
+        f"{len(DEMO_TEMPLATES):>10} {queries.embeddings.shape[1]:>6} {t_text:>8.1f}",
+        f"(one template, {DEMO_TEMPLATES[0]!r}, to stay fast on a CPU; the paper averages the "
+        "80 OpenAI ImageNet templates)",
+    ]
+    ttext = f" (voc21, template {DEMO_TEMPLATES[0]!r})"
+
+    views = [image_view(bundle, src, crop=crop, name=name) for name, src, crop in sources]
+    bar.update(1)
+    reports = []
+    for view in views:
+        bar.set_description(f"demo: {view.name}")
+        rep = render_image(
+            bundle, view, out / view.name, queries=queries, classes=DEMO_CLASSES, formats=("png",),
+            dpi=100,
+            interactive=not quick, templates_text=ttext,
+            step=lambda _name: bar.update(1),
+        )
+        reports.append(rep)
+    bar.set_description("demo: SOM detections")
+    som = render_som_detections(bundle, views, out, formats=("png",), dpi=100,
+                                interactive=not quick, traces=[r.trace for r in reports])
+    bar.update(1)
+    bar.close()
+
+    first = reports[0]
+    layer_lines = _layer_table(first)
+    som_lines = _som_lines(first)
+    _say(stream)
+    _say(stream, "Text queries embedded:")
+    for line in text_lines:
+        _say(stream, "  " + line)
+    _say(stream)
+    _say(stream, f"Per-layer patch norms and flagged tokens — {first.view.name} "
+                 f"({first.view.size[0]} x {first.view.size[1]} px, {bundle.label}):")
+    for line in layer_lines:
+        _say(stream, "  " + line)
+    _say(stream)
+    for line in som_lines:
+        _say(stream, line)
+
+    page = None
+    if not quick:
+        figs = [(f"{rep.view.name}: {fr.heading}", fr.plotly) for rep in reports
+                for fr in rep.figures if fr.plotly is not None]
+        notes = [fr.text for rep in reports for fr in rep.figures if fr.plotly is not None]
+        if som.plotly is not None:
+            figs.append((som.heading, som.plotly))
+            notes.append(som.text)
+        page = write_plotly_page(out / "interactive.html", figs,
+                                 title="sfp demo — interactive figures", banner=weights_note,
+                                 synthetic=bundle.is_synthetic, notes=notes)
+
+    elapsed = time.perf_counter() - t0
+    entries: list[IndexEntry] = []
+    for rep in reports:
+        h, w = rep.view.size
+        entries.append(IndexEntry(title=f"Image: {rep.view.name} ({h} x {w} px)", level=2))
+        for fr in rep.figures:
+            files = [p.relative_to(out).as_posix() for p in fr.files]
+            entries.append(IndexEntry(title=fr.heading, text=fr.text, image=files[0],
+                                      links=[(Path(f).suffix[1:].upper(), f) for f in files]))
+    entries.append(IndexEntry(title="Across images", level=2))
+    som_files = [p.relative_to(out).as_posix() for p in som.files]
+    entries.append(IndexEntry(title=som.heading, text=som.text, image=som_files[0]))
+    intro = [
+        "<p>What the demo did: for each image it recorded every layer of the visual "
+        "transformer (attention and hidden states), ran the outlier detectors (SOM — the "
+        "paper's self-adaptive outlier mitigator criterion —, L2 norm, LOF, robust z-score), "
+        "and ran SFP with its stages switched on one by one. Each figure below comes with a "
+        "note on what to look at. Rerun with <code>python -m sfp demo</code>; make the same "
+        "figures for your own images with <code>sfp figures --image PATH --out DIR</code>.</p>",
+    ]
+    if page is not None:
+        intro.append(f'<p><a href="{page.name}">Interactive versions of all figures</a> '
+                     "(plotly, works offline).</p>")
+    intro += ["<h3>Text queries</h3>", _pre(text_lines),
+              f"<h3>Per-layer outlier statistics — {html.escape(first.view.name)}</h3>",
+              _pre(layer_lines + [""] + som_lines),
+              f"<p class=\"files\">Rendered in {elapsed:.0f} s.</p>"]
+    report = write_html_page(out / "report.html", "sfp demo — attention outliers and SFP",
+                             entries, banner=weights_note, synthetic=bundle.is_synthetic,
+                             intro_html="\n".join(intro))
+    _say(stream)
+    _say(stream, f"Done in {elapsed:.0f} s. Open {report.resolve()}")
+    return report
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``demo`` subcommand."""
+    p = subparsers.add_parser(
+        "demo", help="figures of attention outliers and SFP on four images -> report.html",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="demo_output", metavar="DIR",
+                   help="output folder (default demo_output)")
+    p.add_argument("--quick", action="store_true", help="one image, no interactive page")
+    p.add_argument("--synthetic", action="store_true",
+                   help="use the planted-outlier model without looking for weights")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model (default ViT-B-16)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    run_demo(args.out, quick=args.quick, model=args.model, synthetic=args.synthetic,
+             device=args.device, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,353 @@
+"""Stage ablation (paper Fig. 3): what each SFP stage does to the features and the labels.
+
+For one image crop and a class list, the columns are plain CLIP, then SFP with its stages
+switched on one after another through :class:`sfp.methods.config.SFPConfig` (``+SOM`` = ``sae=False,
+hai=False``; ``+SOM+SAE`` = ``hai=False``; ``SFP`` = all three), then any baselines of
+:func:`sfp.methods.encoders.make_encoder` (e.g. ``"sclip"``). Rows:
+
+1. the feature map of each column: by default (``space="tokens"``) of its final patch tokens
+   before ``ln_post`` (the residual stream, where outliers carry their massive norms; for SFP
+   the tokens X that ``ln_post`` and ``proj`` turn into features), or (``space="features"``)
+   of the patch features after ``ln_post`` and ``proj`` that the text is compared with. Shown
+   as the L2 norm per patch, or (``mode="pca"``) as the first three principal components in
+   RGB on a basis shared by all columns. The outliers SOM finds (the full configuration's
+   final set) are outlined in white in every column, so one sees them suppressed stage by
+   stage;
+2. the segmentation of the crop from the same features (cosine logits with the text queries,
+   upsampled to the crop, :func:`sfp.seg.pipeline.postprocess`: softmax at ``logit_scale``, max
+   over synonyms) — one window, the crop itself, so feature map and labels match.
+
+Paper Fig. 3 shows (a) the noisy feature with outliers (our CLIP column), (b) the feature
+purified by SOM (+SOM) and (c) the semantic feature with SAE (+SOM+SAE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from sfp.core import forward
+from sfp.viz.figures import style
+from sfp.viz.figures.views import ImageView, image_view
+
+__all__ = [
+    "StageAblationData",
+    "stage_ablation",
+    "stage_ablation_data",
+    "stage_ablation_plotly",
+    "stage_configs",
+]
+
+_DISPLAY = {"clip": "CLIP", "maskclip": "MaskCLIP", "sclip": "SCLIP", "clearclip": "ClearCLIP",
+            "naclip": "NACLIP", "sfp": "SFP"}
+
+PAPER_REF = "paper Fig. 3 (with outliers / +SOM / +SAE), extended"
+
+
+def stage_configs(config: Any = None) -> list[tuple[str, Any]]:
+    """(column name, SFPConfig) of the stage switches, from ``config`` (default official):
+    ``+SOM`` (sae=False, hai=False), ``+SOM+SAE`` (hai=False), ``SFP (SOM+SAE+HAI)``."""
+    from sfp.methods.config import SFPConfig
+
+    cfg = SFPConfig.official() if config is None else config
+    if isinstance(cfg, str):
+        cfg = getattr(SFPConfig, cfg)()
+    return [
+        ("+SOM", cfg.replace(sae=False, hai=False)),
+        ("+SOM+SAE", cfg.replace(hai=False)),
+        ("SFP (SOM+SAE+HAI)", cfg),
+    ]
+
+
+@dataclass
+class StageAblationData:
+    """Features and labels of every column for one image.
+
+    columns: names. tokens: (K, N, C) float32 final patch tokens before ln_post per column.
+    features: (K, N, D) float32 patch features (ln_post, proj) per column. labels: (K, H', W')
+    int64 class per pixel of the crop (H' x W' = the patch grid's pixel extent). outliers:
+    (gh, gw) bool, the full SFP configuration's final outlier set. class_names: C names.
+    image: (H, W, 3) crop in [0, 1]. config: the SFP configuration's constructor text.
+    """
+
+    columns: list[str]
+    tokens: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    outliers: np.ndarray
+    class_names: list[str]
+    grid: tuple[int, int]
+    image: np.ndarray
+    name: str
+    label: str
+    is_synthetic: bool
+    config: str
+    detect_layer: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def values(self, space: str = "tokens") -> np.ndarray:
+        """(K, N, C) tokens (``space="tokens"``) or (K, N, D) features (``"features"``)."""
+        if space not in ("tokens", "features"):
+            raise ValueError(f"space must be 'tokens' or 'features', got {space!r}")
+        return self.tokens if space == "tokens" else self.features
+
+    def norms(self, k: int, space: str = "tokens") -> np.ndarray:
+        """Per-patch L2 norm of column k's tokens or features: (gh, gw)."""
+        return np.linalg.norm(self.values(space)[k], axis=-1).reshape(self.grid)
+
+    def cosine(self, k: int, ref: int = 0) -> np.ndarray:
+        """Cosine similarity per patch between column k's and column ``ref``'s features:
+        (N,)."""
+        a = self.features[k] / np.maximum(np.linalg.norm(self.features[k], axis=-1,
+                                                         keepdims=True), 1e-12)
+        b = self.features[ref] / np.maximum(np.linalg.norm(self.features[ref], axis=-1,
+                                                           keepdims=True), 1e-12)
+        return (a * b).sum(-1)
+
+    def pca_maps(self, space: str = "tokens") -> list[np.ndarray]:
+        """First three principal components as RGB, one basis for all columns: K x
+        (gh, gw, 3)."""
+        rgbs = style.pca_rgb(*list(self.values(space)))
+        return [r.reshape(*self.grid, 3) for r in rgbs]
+
+    def overlay(self, k: int, alpha: float = 0.55) -> np.ndarray:
+        """Column k's labels blended over the crop with the VOC palette: (H', W', 3) float."""
+        from sfp.seg.pipeline import PALETTE
+
+        h, w = self.labels.shape[1:]
+        colours = PALETTE[self.labels[k] % 256].astype(np.float32) / 255.0
+        return (1 - alpha) * self.image[:h, :w] + alpha * colours
+
+
+def stage_ablation_data(
+    bundle: Any,
+    image: ImageView | Any,
+    classes: Any,
+    *,
+    config: Any = None,
+    baselines: Sequence[str] = (),
+    templates: Any = None,
+    logit_scale: float = 40.0,
+    queries: Any = None,
+    trace: Any = None,
+) -> StageAblationData:
+    """Encode ``image`` with CLIP, the SFP stage switches and ``baselines``; segment it.
+
+    image: an :class:`ImageView` or anything :func:`image_view` reads (224 crop). classes:
+    any class spec of :func:`sfp.models.text.parse_classes` (``"cat; dog; grass"``, ``"voc21"``).
+    config: the full SFP configuration (default ``SFPConfig.official()``; ``"paper"`` for
+    the paper preset). templates: prompt templates (None = the 80 OpenAI templates;
+    ``["a photo of a {}."]`` is much faster). queries: already embedded
+    :class:`sfp.models.text.Queries` to reuse (then classes/templates are not embedded again).
+    trace: a :class:`sfp.core.probe.Trace` of this image with hidden states at layers L-1 and L;
+    CLIP's tokens are then its h_L, and each baseline only runs its own block L on h_{L-1}
+    (same numbers, one forward instead of one per column).
+    """
+    from sfp.methods.encoders import make_encoder
+    from sfp.methods.purify import SFPEncoder
+    from sfp.models.text import embed_queries
+    from sfp.seg.pipeline import postprocess, window_logits
+
+    view = image if isinstance(image, ImageView) else image_view(bundle, image)
+    pixels = view.pixels
+    if queries is None:
+        queries = embed_queries(bundle, classes, templates)
+    names: list[str] = ["CLIP"]
+    toks: list[torch.Tensor] = []
+    feats: list[torch.Tensor] = []
+    visual = bundle.visual
+    clip = make_encoder(bundle, "clip")
+    last = bundle.num_layers
+    h_prev = None
+    if trace is not None:
+        h_prev = trace.hidden(last - 1).to(bundle.dtype)
+    with torch.no_grad():
+        if trace is not None:
+            t = trace.hidden(last)[:, 1:].to(bundle.dtype)
+        else:
+            t = clip.encode_tokens(pixels)[:, 1:]  # type: ignore[attr-defined]
+        toks.append(t[0])
+        feats.append(forward.project_patches(visual, t)[0])
+        grid = clip.grid(pixels)
+        mask = None
+        full_cfg = None
+        detect_layer = 0
+        for name, cfg in stage_configs(config):
+            st = SFPEncoder(bundle, cfg).stages(pixels)
+            toks.append(st.x_final[0])
+            feats.append(st.features[0])
+            names.append(name)
+            mask, full_cfg, detect_layer = st.mask[0], cfg, st.config.detect_layer
+        for method in baselines:
+            enc = make_encoder(bundle, method)
+            if h_prev is not None and hasattr(enc, "last_block"):
+                block = forward.blocks_of(visual)[last - 1]
+                t = enc.last_block(block, h_prev, grid)[:, 1:]
+                toks.append(t[0])
+                feats.append(forward.project_patches(visual, t)[0])
+            elif hasattr(enc, "encode_tokens"):
+                t = enc.encode_tokens(pixels)[:, 1:]
+                toks.append(t[0])
+                feats.append(forward.project_patches(visual, t)[0])
+            else:  # an encoder without token access: its features stand in for both
+                f = enc.encode_patches(pixels)[0]
+                toks.append(f)
+                feats.append(f)
+            names.append(_DISPLAY.get(method.lower(), method))
+    gh, gw = grid
+    p = bundle.patch_size
+    size = (gh * p, gw * p)
+    labels = []
+    for f in feats:
+        logits = window_logits(f[None], queries.embeddings, grid, size)[0]
+        lab, _ = postprocess(logits, queries.query_to_class, logit_scale=logit_scale,
+                             num_classes=queries.num_classes)
+        labels.append(style.to_numpy(lab))
+    assert mask is not None
+    class_names = list(queries.class_names)
+    if isinstance(classes, str) and _has_background(classes):
+        class_names[0] = "background"
+    return StageAblationData(
+        columns=names,
+        tokens=np.stack([style.to_numpy(t.float()) for t in toks]).astype(np.float32),
+        features=np.stack([style.to_numpy(f.float()) for f in feats]).astype(np.float32),
+        labels=np.stack(labels).astype(np.int64),
+        outliers=style.to_numpy(mask).astype(bool).reshape(grid),
+        class_names=class_names,
+        grid=(int(gh), int(gw)),
+        image=view.rgb,
+        name=view.name,
+        label=bundle.label,
+        is_synthetic=bundle.is_synthetic,
+        config=repr(full_cfg),
+        detect_layer=int(detect_layer),
+        meta={"logit_scale": logit_scale},
+    )
+
+
+def _has_background(spec: str) -> bool:
+    """Whether ``spec`` names a benchmark whose class 0 is a background class (its first
+    line lists stuff names; it is displayed as "background", as :class:`Segmenter` does)."""
+    from sfp.seg.pipeline import BENCHMARK_PRESETS
+
+    key = spec.lower().replace("-", "_")
+    if key not in BENCHMARK_PRESETS:
+        return False
+    from sfp.seg.datasets import get_spec
+
+    return bool(get_spec(key).has_background)
+
+
+def _title(d: StageAblationData) -> str:
+    return style.figure_title(
+        f"Stage ablation — {d.name}", paper_ref=PAPER_REF, label=d.label,
+        is_synthetic=d.is_synthetic,
+        layers=f"outliers detected at layer {d.detect_layer}, replaced block {d.detect_layer + 1}",
+        detail=f"{d.config} · {d.grid[0]} x {d.grid[1]} patches · white boxes: SOM's "
+        f"{int(d.outliers.sum())} outliers",
+    )
+
+
+def stage_ablation(data: StageAblationData, *, mode: str = "norm",
+                   space: str = "tokens") -> Figure:
+    """Paper Fig. 3 generalised: image + one column per stage / baseline; row 1 feature maps
+    (``mode="norm"``: per-patch L2 norm with a colour bar per column; ``"pca"``: PCA RGB) of
+    the final tokens (``space="tokens"``) or the projected features (``"features"``), row 2
+    segmentation over the crop, with a class legend."""
+    if mode not in ("norm", "pca"):
+        raise ValueError(f"mode must be 'norm' or 'pca', got {mode!r}")
+    data.values(space)  # validates space
+    d = data
+    k = len(d.columns)
+    gh, gw = d.grid
+    img_w = 2.2
+    px = d.image.shape[0] / gh
+    pca = d.pca_maps(space) if mode == "pca" else None
+    what = "final tokens (before ln_post)" if space == "tokens" else "features (ln_post, proj)"
+    from matplotlib.patches import Patch
+
+    from sfp.seg.pipeline import PALETTE
+
+    with style.figure_style():
+        fig = style.new_figure((img_w + (0.75 if mode == "norm" else 0.1)) * (k + 1) + 0.8,
+                               (img_w * gh / gw + 0.45) * 2 + 1.4)
+        axes = fig.subplots(2, k + 1, squeeze=False)
+        axes[0, 0].imshow(d.image, aspect="equal")
+        axes[0, 0].set_title("image (crop)", fontsize=10)
+        axes[0, 0].set_xticks([])
+        axes[0, 0].set_yticks([])
+        style.mark_patches(axes[0, 0], d.outliers, patch_px=px)
+        for j in range(k):
+            ax = axes[0, j + 1]
+            if pca is None:
+                im = style.show_map(ax, d.norms(j, space), cmap=style.NORM_CMAP)
+                style.add_colorbar(fig, im, ax, "L2 norm ‖x‖₂" if j == k - 1 else None)
+            else:
+                ax.imshow(pca[j], aspect="equal", interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            style.mark_patches(ax, d.outliers, color="white" if pca is None else "black")
+            ax.set_title(d.columns[j], fontsize=10, fontweight="bold")
+            ax2 = axes[1, j + 1]
+            h, w = d.labels.shape[1:]
+            ax2.imshow(d.overlay(j), extent=(0, w, h, 0), aspect="equal")
+            ax2.set_xticks([])
+            ax2.set_yticks([])
+        axes[0, 1].set_ylabel(what + ":\n" + ("L2 norm" if pca is None else "PCA → RGB"),
+                              fontsize=9)
+        axes[1, 1].set_ylabel("segmentation", fontsize=9.5)
+        # Legend of the classes present in any column, below the figure.
+        axes[1, 0].set_axis_off()
+        present = sorted({int(c) for c in np.unique(d.labels)})
+        handles = [Patch(facecolor=PALETTE[c % 256] / 255.0, edgecolor="black",
+                         label=d.class_names[c] if c < len(d.class_names) else str(c))
+                   for c in present]
+        fig.legend(handles=handles, loc="outside lower center", fontsize=8.5, frameon=False,
+                   ncols=min(len(handles), 8), title="segmentation classes present",
+                   title_fontsize=9)
+        if pca is not None:
+            axes[0, -1].text(1.02, 0.5, "colours: first 3 principal\ncomponents, one basis "
+                             "for\nall columns", transform=axes[0, -1].transAxes, fontsize=8,
+                             va="center", ha="left")
+        fig.suptitle(style.wrap_title(_title(d), 125))
+    return fig
+
+
+def stage_ablation_plotly(data: StageAblationData, *, space: str = "tokens"):
+    """Interactive version: token (or feature) norms (hover: norm and the cosine similarity
+    of the column's projected features to CLIP's) and segmentation overlays."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    d = data
+    k = len(d.columns)
+    fig = make_subplots(rows=2, cols=k, subplot_titles=[*d.columns, *[""] * k],
+                        horizontal_spacing=0.02, vertical_spacing=0.06)
+    oy, ox = np.nonzero(d.outliers)
+    for j in range(k):
+        cos = d.cosine(j, 0).reshape(d.grid)
+        fig.add_trace(go.Heatmap(z=d.norms(j, space), customdata=cos, colorscale="Magma",
+                                 showscale=False,
+                                 hovertemplate="row %{y}, col %{x}<br>norm %{z:.3g}<br>"
+                                 "cos to CLIP %{customdata:.2f}<extra></extra>"),
+                      row=1, col=j + 1)
+        fig.add_trace(go.Scatter(x=ox, y=oy, mode="markers", showlegend=False,
+                                 marker={"symbol": "square-open", "size": 9, "color": "white"},
+                                 hoverinfo="skip"), row=1, col=j + 1)
+        fig.add_trace(style.plotly_image(d.overlay(j)), row=2, col=j + 1)
+        fig.update_yaxes(autorange="reversed", row=1, col=j + 1)
+    for r in (1, 2):
+        for c in range(1, k + 1):
+            sp = fig.get_subplot(r, c)
+            fig.update_yaxes(scaleanchor=sp.xaxis.plotly_name.replace("axis", ""),
+                             showticklabels=False, row=r, col=c)
+            fig.update_xaxes(showticklabels=False, row=r, col=c)
+    gh, gw = d.grid
+    fig.update_layout(width=max(900, 230 * k), height=int(2 * 230 * gh / gw) + 200,
+                      template="plotly_white")
+    return style.plotly_title(fig, _title(d))

@@ -1,0 +1,310 @@
+"""Helpers shared by the widgets: labels, display images, patch geometry, plotly plumbing.
+
+Nothing here is a widget. The one piece of plotly plumbing worth knowing about:
+:func:`sync_figure`. Since plotly 6, ``go.FigureWidget`` is an ``anywidget``; a figure shown
+*inside a container* (``VBox``/``HBox``) is rendered from its synced ``_widget_data`` /
+``_widget_layout`` traits, which plotly refreshes only in the figure's own
+``_repr_mimebundle_`` (not called for children of a container). Edits made between building
+the figure and displaying the container would then be missing (plotly/plotly.py#4998).
+:class:`SFPWidget` calls :func:`sync_figure` on all its figures whenever it is displayed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from copy import deepcopy
+from typing import Any
+
+import ipywidgets as widgets
+import numpy as np
+import plotly.graph_objects as go
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sfp.models.loading import OPENAI_MEAN, OPENAI_STD
+from sfp.models.synthetic import SYNTHETIC_LABEL
+
+__all__ = [
+    "SYNTHETIC_LABEL",
+    "SFPWidget",
+    "describe_source",
+    "display_image",
+    "is_synthetic",
+    "label_colors",
+    "colorize_labels",
+    "patch_at",
+    "patch_centers",
+    "png_data_uri",
+    "sync_figure",
+    "stopwatch",
+    "torch_threads",
+    "trace_geometry",
+]
+
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+def is_synthetic(obj: Any) -> bool:
+    """True for a bundle or trace made by :mod:`sfp.models.synthetic` (weights with planted outliers)."""
+    flag = getattr(obj, "is_synthetic", None)
+    if isinstance(flag, bool):
+        return flag
+    return str(getattr(obj, "pretrained", "")).startswith("synthetic")
+
+
+def describe_source(obj: Any) -> str:
+    """Human label of the model behind a bundle or trace, e.g. ``"ViT-B-16 / openai"``.
+
+    Synthetic models always carry the words "synthetic (planted outliers)"; random weights
+    say so too.
+    """
+    label = str(getattr(obj, "label", None) or getattr(obj, "name", "model"))
+    if is_synthetic(obj) and SYNTHETIC_LABEL not in label:
+        label = f"{label} — {SYNTHETIC_LABEL}"
+    pretrained = getattr(obj, "pretrained", None)
+    if pretrained is None:
+        pretrained = getattr(obj, "meta", {}).get("pretrained")
+    if pretrained == "random" and "random" not in label:
+        label = f"{label} (random weights)"
+    return label
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+def trace_geometry(trace: Any) -> tuple[tuple[int, int], tuple[int, int], tuple[float, float]]:
+    """(grid (gh, gw), image size (H, W) px, patch size (px_h, px_w)) of a recorded trace."""
+    grid = (int(trace.grid[0]), int(trace.grid[1]))
+    image_size = trace.image_size
+    return grid, image_size, (image_size[0] / grid[0], image_size[1] / grid[1])
+
+
+def _fit(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (3, h, w) to ``size`` the way :func:`sfp.core.io.prepare` would have made it.
+
+    Same aspect ratio (within 1 %): a plain resize. Otherwise: resize so the image covers
+    ``size`` (short side), then a centre crop, as ``prepare(..., crop=True)`` does.
+    """
+    h, w = img.shape[-2:]
+    th, tw = size
+    if (h, w) == (th, tw):
+        return img
+    if abs(h / w - th / tw) <= 0.01 * (th / tw):
+        out = F.interpolate(img[None], size=(th, tw), mode="bilinear", align_corners=False,
+                            antialias=True)
+        return out[0].clamp(0, 1)
+    scale = max(th / h, tw / w)
+    rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
+    out = F.interpolate(img[None], size=(rh, rw), mode="bilinear", align_corners=False,
+                        antialias=True)[0]
+    top, left = (rh - th) // 2, (rw - tw) // 2
+    return out[:, top : top + th, left : left + tw].clamp(0, 1)
+
+
+def display_image(
+    image: Any,
+    size: tuple[int, int] | None = None,
+    *,
+    index: int = 0,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> np.ndarray:
+    """An image as ``(H, W, 3)`` uint8 for display.
+
+    image: anything :func:`sfp.core.io.load_image` reads (path, PIL, numpy, tensor in [0, 1]), or a
+    normalised batch ``(B, 3, H, W)`` / ``(3, H, W)`` as :func:`sfp.core.io.prepare` returns
+    (recognised by values outside [0, 1]; undone with ``mean``/``std``; ``index`` picks the
+    image of a batch). size: ``(H, W)`` to fit to (see :func:`_fit`), None = as is.
+    """
+    from sfp.core.io import load_image
+
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        if t.ndim == 4:
+            t = t[index]
+        if t.ndim == 3 and t.shape[0] == 3 and (t.min() < 0 or t.max() > 1):
+            m = torch.tensor(list(mean), dtype=t.dtype).view(3, 1, 1)
+            s = torch.tensor(list(std), dtype=t.dtype).view(3, 1, 1)
+            t = (t * s + m).clamp(0, 1)
+        img = load_image(t)
+    else:
+        img = load_image(image)
+    if size is not None:
+        img = _fit(img, (int(size[0]), int(size[1])))
+    return (img.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Patch geometry (patches row-major on a gh x gw grid; pixel coordinates, y downwards)
+# --------------------------------------------------------------------------------------------
+
+
+def patch_centers(
+    indices: Sequence[int] | np.ndarray, grid: tuple[int, int], patch_px: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres ``(xs, ys)`` of patch ``indices`` on ``grid``; patch_px = (ph, pw)."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    rows, cols = np.divmod(idx, grid[1])
+    return (cols + 0.5) * patch_px[1], (rows + 0.5) * patch_px[0]
+
+
+def patch_at(
+    x: float, y: float, grid: tuple[int, int], patch_px: tuple[float, float]
+) -> int | None:
+    """Index of the patch under pixel ``(x, y)``, or None outside the grid."""
+    if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+        return None
+    col, row = int(math.floor(x / patch_px[1])), int(math.floor(y / patch_px[0]))
+    if 0 <= row < grid[0] and 0 <= col < grid[1]:
+        return row * grid[1] + col
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation colours
+# --------------------------------------------------------------------------------------------
+
+def label_colors(n: int) -> np.ndarray:
+    """``(n, 3)`` uint8 colours of classes 0..n-1: :data:`sfp.seg.pipeline.PALETTE` (as
+    ``Segmentation.overlay`` uses), so widgets and saved overlays agree."""
+    from sfp.seg.pipeline import PALETTE
+
+    return np.asarray(PALETTE[np.arange(n) % 256], dtype=np.uint8)
+
+
+def colorize_labels(
+    labels: np.ndarray, colors: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.55
+) -> np.ndarray:
+    """Label map ``(H, W)`` int -> ``(H, W, 3)`` uint8, blended over ``image`` when given.
+
+    Labels outside ``0..len(colors)-1`` (e.g. 255 = ignore) are drawn grey.
+    """
+    lab = np.asarray(labels)
+    valid = (lab >= 0) & (lab < len(colors))
+    rgb = np.full((*lab.shape, 3), 128, dtype=np.float32)
+    rgb[valid] = colors[lab[valid]]
+    if image is not None:
+        rgb = alpha * rgb + (1 - alpha) * np.asarray(image, dtype=np.float32)
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# plotly / ipywidgets plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def sync_figure(fig: go.FigureWidget) -> None:
+    """Copy a FigureWidget's current data/layout into the traits its views render from.
+
+    Needed when the figure is displayed as a child of a container (see the module doc).
+    """
+    fig._widget_layout = deepcopy(fig._layout_obj._props)
+    fig._widget_data = deepcopy(fig._data)
+
+
+def image_axes(fig: go.Figure, n: int = 1) -> None:
+    """Make the axes of image subplots 1..n pixel-true: y downwards, square pixels, no ticks."""
+    for i in range(1, n + 1):
+        suffix = "" if i == 1 else str(i)
+        fig.layout[f"xaxis{suffix}"].update(
+            showticklabels=False, showgrid=False, zeroline=False, constrain="domain"
+        )
+        fig.layout[f"yaxis{suffix}"].update(
+            showticklabels=False, showgrid=False, zeroline=False, autorange="reversed",
+            scaleanchor=f"x{suffix}", constrain="domain",
+        )
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    """``(H, W, 3)`` uint8 -> a ``data:image/png;base64,...`` URI for ``go.Image(source=...)``.
+
+    Much cheaper to send to the browser than ``go.Image(z=...)`` (a JSON list of pixels).
+    """
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG",
+                                                                     compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def static_copy(fig: go.Figure) -> go.Figure:
+    """A plain ``go.Figure`` with the same data and layout (no widget, no callbacks)."""
+    return go.Figure(data=list(fig.data), layout=fig.layout)
+
+
+class SFPWidget(widgets.VBox):
+    """Base of the sfp widgets: a ``VBox`` whose plotly figures stay in sync when displayed.
+
+    Subclasses list their FigureWidgets in :meth:`figure_widgets` and implement
+    :meth:`to_figure` (a static ``go.Figure`` of the current view, for exported HTML).
+    """
+
+    def figure_widgets(self) -> list[go.FigureWidget]:
+        """The FigureWidgets inside this widget."""
+        return []
+
+    def to_figure(self) -> go.Figure:  # pragma: no cover - abstract
+        """A static plotly Figure of what the widget shows now."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Push every figure's current state to its widget traits (see :func:`sync_figure`)."""
+        for fig in self.figure_widgets():
+            sync_figure(fig)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        self.sync()
+        return super()._repr_mimebundle_(**kwargs)
+
+    def save_html(self, path: str, **kwargs: Any) -> str:
+        """Write :meth:`to_figure` as a standalone HTML file; returns the path."""
+        self.to_figure().write_html(path, include_plotlyjs="cdn", **kwargs)
+        return path
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, then restore the previous count.
+
+    Post-processing works on small tensors (Q x H x W); with several intra-op threads on a
+    busy CPU, thread wake-ups cost more than the work (measured 3-4x slower on 2 cores), so
+    the tuner runs it on one thread.
+    """
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def stopwatch() -> Iterator[list[float]]:
+    """``with stopwatch() as t: ...`` -> ``t[0]`` is the elapsed time in seconds."""
+    out = [0.0]
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out[0] = time.perf_counter() - start
+
+
+def html_escape(text: str) -> str:
+    """Escape ``text`` for an ``ipywidgets.HTML`` value."""
+    return (
+        str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    )
