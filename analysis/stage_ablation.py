@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                        title=f"Stage ablation — {view.name}",
                                        banner=f"Model: {bundle.label}",
                                        synthetic=bundle.is_synthetic))
-        k = d.columns.index("SFP (SOM+SAE+HAI)")
+        k = d.columns.index("SFP")
         print(f"{view.name}: mean cosine(SFP, CLIP) = {d.cosine(k, 0).mean():.3f}; "
               f"SOM flagged {int(d.outliers.sum())} tokens")
         print("\n".join(str(f) for f in files))

@@ -48,10 +48,13 @@ def tiny_vit() -> ModelBundle:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_registries(monkeypatch):
-    """Detectors or encoders a test registers do not leak into later tests."""
-    from sfp.core import outliers
-    from sfp.methods import encoders
+def _isolated_registries():
+    """Detectors, encoders or presets a test registers do not leak into later tests."""
+    from sfp.core.outliers import DETECTORS
+    from sfp.methods.base import ENCODERS
+    from sfp.methods.config import PRESETS
 
-    monkeypatch.setattr(outliers, "_REGISTRY", dict(outliers._REGISTRY))
-    monkeypatch.setattr(encoders, "_REGISTRY", dict(encoders._REGISTRY))
+    saved = [(r, r.snapshot()) for r in (DETECTORS, ENCODERS, PRESETS)]
+    yield
+    for registry, snap in saved:
+        registry.restore(snap)

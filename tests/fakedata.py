@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sfp.seg.datasets import BENCHMARKS, DATASETS
+from sfp.seg.benchmarks import BENCHMARKS, get_benchmark
+
+BENCHMARK_NAMES = BENCHMARKS.names()
 
 __all__ = ["FAKE_ROOTS", "fake_ids", "make_fake_dataset", "voc_palette", "write_label"]
 
@@ -71,7 +73,7 @@ def fake_ids(name: str, n: int) -> list[str]:
         return [f"{cities[i % 2]}/{cities[i % 2]}_{i:06d}_000019" for i in range(n)]
     if name == "ade20k":
         return [f"ADE_val_{i + 1:08d}" for i in range(n)]
-    raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
+    raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARK_NAMES)}")
 
 
 def make_fake_dataset(
@@ -80,7 +82,7 @@ def make_fake_dataset(
     """Write ``n`` fake samples of benchmark ``name`` under ``root``; return the dataset root.
 
     Args:
-        name: one of ``sfp.seg.datasets.BENCHMARKS``.
+        name: one of ``sfp.seg.benchmarks.BENCHMARKS``.
         root: base folder; the dataset goes to ``root / FAKE_ROOTS[name]``.
         n: number of samples (all listed in the split file, where the benchmark has one).
         size: ``(H, W)`` of every image and label.
@@ -89,7 +91,7 @@ def make_fake_dataset(
     Returns:
         The path to pass to ``load_dataset(name, path)``.
     """
-    spec = DATASETS[name]
+    spec = get_benchmark(name).layout
     if size[0] < 1 or size[1] < 4:
         raise ValueError(f"size must be at least (1, 4), got {size}")
     ds_root = Path(root) / FAKE_ROOTS[name]
@@ -105,7 +107,7 @@ def make_fake_dataset(
         img_path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(img_path, format="JPEG" if img_path.suffix == ".jpg" else "PNG")
 
-        lab_rng = np.random.default_rng([seed, i, BENCHMARKS.index(name)])
+        lab_rng = np.random.default_rng([seed, i, BENCHMARK_NAMES.index(name)])
         label = lab_rng.integers(0, hi, size=(h, w))
         label[0, 0] = 255
         if spec.reduce_zero_label:

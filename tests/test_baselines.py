@@ -19,14 +19,13 @@ import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 from sfp.core import forward
-from sfp.methods import encoders
+from sfp.methods.attention import correlative_probs, gaussian_neighbourhood_bias
+from sfp.methods.base import ENCODERS
 from sfp.methods.baselines import (
     ClearCLIPConfig,
     MaskCLIPConfig,
     NACLIPConfig,
     SCLIPConfig,
-    correlative_probs,
-    gaussian_neighbourhood_bias,
 )
 from sfp.methods.encoders import Encoder, available_methods, make_encoder, register_encoder
 from sfp.models.loading import ModelBundle, bundle_from_model, load_model
@@ -336,13 +335,15 @@ def test_low_precision_bundles(tiny, low_precision, method, dtype):
 
 def test_available_methods():
     assert set(METHODS) <= set(available_methods())
-    assert available_methods()[: len(METHODS)] == METHODS
+    assert available_methods()[:5] == ("clip", "maskclip", "sclip", "clearclip", "naclip")
+    assert ENCODERS.get("sclip").display == "SCLIP"
+    assert ENCODERS.get("naclip")["config_type"] is NACLIPConfig
 
 
 def test_unknown_method_lists_close_matches(tiny):
-    with pytest.raises(ValueError, match=r"'sclp'.*'sclip'.*Available: sfp, clip"):
+    with pytest.raises(ValueError, match=r"'sclp'.*'sclip'.*Registered: clip, maskclip"):
         make_encoder(tiny, "sclp")
-    with pytest.raises(ValueError, match="Unknown encoder method 'nope'"):
+    with pytest.raises(ValueError, match="unknown encoder method 'nope'"):
         make_encoder(tiny, "nope")
     with pytest.raises(TypeError):
         make_encoder(tiny, 3)  # type: ignore[arg-type]
@@ -383,13 +384,11 @@ def test_sfp_presets_by_name(tiny):
         make_encoder(tiny, "sfp", "fancy")
 
 
-def test_register_custom_encoder(tiny, monkeypatch):
-    monkeypatch.setattr(encoders, "_REGISTRY", dict(encoders._REGISTRY))
-
+def test_register_custom_encoder(tiny):
     class Half(Encoder):
         name = "half"
 
-        def encode_patches(self, images):
+        def encode_patches(self, images, fwd_hooks=None):
             return make_encoder(self.bundle, "clip")(images) * 0.5
 
     register_encoder("half", lambda bundle, config: Half(bundle))

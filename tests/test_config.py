@@ -15,7 +15,7 @@ from sfp.methods.config import ConfigError, SFPConfig, derive_layer
 def test_official_preset_holds_the_release_numbers() -> None:
     cfg = SFPConfig.official()
     assert cfg == SFPConfig()
-    assert cfg.preset == "official"
+    assert cfg.preset_name == "official"
     assert (cfg.detector, cfg.top_k, cfg.cls_scale) == ("som", 10, 1.5)
     assert (cfg.sim_threshold, cfg.res_cls, cfg.sim_temperature) == (0.4, 0.3, 3.0)
     assert cfg.pre_aggregate and cfg.post_aggregate and cfg.som and cfg.sae and cfg.hai
@@ -28,7 +28,7 @@ def test_official_preset_holds_the_release_numbers() -> None:
 
 def test_paper_preset() -> None:
     cfg = SFPConfig.paper()
-    assert cfg.preset == "paper"
+    assert cfg.preset_name == "paper"
     assert (cfg.top_k, cfg.cls_scale, cfg.omega, cfg.hai_iterations) == (None, 1.0, 0.5, 1)
     assert (cfg.sae_variant, cfg.hai_variant) == ("paper", "paper")
     assert not cfg.pre_aggregate and not cfg.post_aggregate
@@ -88,7 +88,7 @@ def test_explicit_layers_win() -> None:
         ({"top_k": 2.5}, "top_k"),
         ({"top_k": None, "detector": "l2"}, "top_k=None"),
         ({"detector": "lofx"}, "unknown detector 'lofx'"),
-        ({"preset": "best"}, "preset"),
+        ({"preset_name": "best"}, "preset_name"),
         ({"hai_start": 8, "hai_stop": 4}, "reversed"),
         ({"som_start": 9, "detect_layer": 5}, "som_start"),
         ({"ref_layer": 0}, "ref_layer"),
@@ -161,7 +161,7 @@ def test_frozen_and_hashable() -> None:
         SFPConfig.official(top_k=5, detector="lof", lof_variant="standard"),
         SFPConfig.official(res_cls=0.25, hai=False, ref_layer=8),
         SFPConfig.paper(omega=0.7, som_start=3, paper_sae_form="eq7", hai_iterations=3),
-        SFPConfig(preset="custom", sae_variant="paper", hai_attention="sae"),
+        SFPConfig(preset_name="custom", sae_variant="paper", hai_attention="sae"),
         SFPConfig.official(detector_params={"cls_scale": 2.0}),
     ],
 )
@@ -181,7 +181,7 @@ def test_to_code_lists_only_non_default_fields() -> None:
     assert SFPConfig.official(top_k=5).to_code() == "SFPConfig.official(top_k=5)"
     assert SFPConfig.paper(omega=0.7).to_code() == "SFPConfig.paper(omega=0.7)"
     assert SFPConfig.official(top_k=5).overrides() == {"top_k": 5}
-    assert SFPConfig(preset="custom").to_code() == "SFPConfig(preset='custom')"
+    assert SFPConfig(preset_name="custom").to_code() == "SFPConfig(preset_name='custom')"
 
 
 def test_from_dict_partial_uses_the_preset() -> None:

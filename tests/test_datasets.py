@@ -9,16 +9,15 @@ import pytest
 from fakedata import FAKE_ROOTS, make_fake_dataset, write_label
 from PIL import Image
 
+from sfp.seg.benchmarks import BENCHMARKS, class_names, get_benchmark
 from sfp.seg.datasets import (
-    BENCHMARKS,
-    DATASETS,
     DatasetLayoutError,
     SegDataset,
-    class_file,
-    class_names,
     load_dataset,
     prepare_coco_object,
 )
+
+NAMES = BENCHMARKS.names()
 
 EXPECTED_CLASSES = {
     "voc21": 21,
@@ -33,16 +32,16 @@ EXPECTED_CLASSES = {
 
 
 def test_registry_names() -> None:
-    assert BENCHMARKS == tuple(EXPECTED_CLASSES)
-    assert set(DATASETS) == set(BENCHMARKS)
-    for name, spec in DATASETS.items():
-        assert spec.name == name
+    assert NAMES == tuple(EXPECTED_CLASSES)
+    for name in NAMES:
+        assert get_benchmark(name).layout.name == name == get_benchmark(name).name
 
 
-@pytest.mark.parametrize("name", BENCHMARKS)
+@pytest.mark.parametrize("name", NAMES)
 def test_num_classes_match_class_files(name: str) -> None:
-    lines = [ln for ln in class_file(name).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    assert DATASETS[name].num_classes == len(lines) == EXPECTED_CLASSES[name]
+    path = Path(__file__).resolve().parents[1] / "sfp" / "data" / f"{name}.txt"
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    assert get_benchmark(name).num_classes == len(lines) == EXPECTED_CLASSES[name]
     names = class_names(name)
     assert len(names) == len(lines) and len(set(names)) == len(names)
 
@@ -60,11 +59,11 @@ def test_unknown_name_lists_valid_names(tmp_path: Path) -> None:
         load_dataset("voc", tmp_path)
 
 
-@pytest.mark.parametrize("name", BENCHMARKS)
+@pytest.mark.parametrize("name", NAMES)
 def test_reads_every_layout(name: str, tmp_path: Path) -> None:
     root = make_fake_dataset(name, tmp_path, n=3, size=(12, 16))
     ds = load_dataset(name, root)
-    spec = DATASETS[name]
+    spec = get_benchmark(name).layout
     assert isinstance(ds, SegDataset)
     assert (ds.benchmark, ds.num_classes, ds.ignore_index) == (name, spec.num_classes, 255)
     assert ds.reduce_zero_label == spec.reduce_zero_label
@@ -151,9 +150,9 @@ def test_split_file_is_respected(tmp_path: Path) -> None:
     assert load_dataset("context60", root, split="train").names == ["2008_000001", "2008_999999"]
 
 
-@pytest.mark.parametrize("name", BENCHMARKS)
+@pytest.mark.parametrize("name", NAMES)
 def test_missing_root_shows_expected_tree(name: str, tmp_path: Path) -> None:
-    spec = DATASETS[name]
+    spec = get_benchmark(name).layout
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetLayoutError) as err:
         load_dataset(name, missing)
@@ -274,4 +273,4 @@ def test_prepare_coco_object_missing_source(tmp_path: Path) -> None:
 
 
 def test_fake_roots_cover_all_benchmarks() -> None:
-    assert set(FAKE_ROOTS) == set(BENCHMARKS)
+    assert set(FAKE_ROOTS) == set(NAMES)

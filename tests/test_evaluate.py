@@ -2,7 +2,7 @@
 resume after interruption, stale-state refusal, error messages), ``sfp prepare``, and a
 2-process gloo run under torchrun that must equal the single-process result.
 
-In-process runs use the tiny random CLIP of conftest (``sfp.cli.app.load_bundle_from_args`` is
+In-process runs use the tiny random CLIP of conftest (``sfp.cli.common.load_bundle_from_args`` is
 patched); the torchrun test uses a random ViT-B-16 (seeded by ``--seed``) in subprocesses.
 """
 
@@ -23,6 +23,7 @@ from fakedata import make_fake_dataset
 from PIL import Image
 
 import sfp.cli.app as cli
+from sfp.cli import common
 from sfp.models.loading import WeightsUnavailableError
 from sfp.seg.datasets import load_dataset
 from sfp.seg.evaluate import INTERRUPT_ENV, EvalState, evaluate
@@ -39,7 +40,7 @@ VARIED = ["--prob-thd", "0", "--area-thd", "-1", "--logit-scale", "100"]
 @pytest.fixture()
 def tiny_cli(monkeypatch, tiny_vit):
     """``sfp`` in process, with the tiny random CLIP instead of loading a model."""
-    monkeypatch.setattr(cli, "load_bundle_from_args", lambda args: tiny_vit)
+    monkeypatch.setattr(common, "load_bundle_from_args", lambda args: tiny_vit)
     monkeypatch.delenv(INTERRUPT_ENV, raising=False)
     return tiny_vit
 
@@ -204,10 +205,10 @@ def test_eval_errors_exit_2_with_one_message(tiny_cli, tmp_path, capsys, monkeyp
     def no_weights(args):
         raise WeightsUnavailableError("No weights for ViT-B-16 / openai; pass --pretrained PATH.")
 
-    monkeypatch.setattr(cli, "load_bundle_from_args", no_weights)
+    monkeypatch.setattr(common, "load_bundle_from_args", no_weights)
     root = make_fake_dataset("voc21", tmp_path / "d2", n=1, size=(24, 32))
     rc, _, err = run(capsys, eval_args("voc21", root, tmp_path / "r2.json"))
-    assert rc == 2 and "--pretrained PATH" in err and "Traceback" not in err
+    assert rc == 3 and "--pretrained PATH" in err and "Traceback" not in err  # no weights: 3
 
 
 def test_prepare_coco_object(tmp_path, capsys) -> None:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from sfp.core import outliers
 from sfp.core.outliers import (
     LayerStats,
     MissingInputError,
@@ -314,7 +313,7 @@ def test_lof_standard_matches_sklearn(k):
 
 
 def test_lof_matches_design_formula_bit_for_bit():
-    # DESIGN.md §4 step 2, transcribed one image at a time in float32.
+    # The SOM criterion (docs/design.md, "The SFP method", step 2), transcribed one image at a time in float32.
     torch.manual_seed(3)
     hidden = torch.randn(2, 197, 64)
     res = lof(hidden)
@@ -418,8 +417,8 @@ def test_norm_z_zero_mad_uses_floor():
 
 
 @pytest.fixture
-def registry(monkeypatch):
-    monkeypatch.setattr(outliers, "_REGISTRY", dict(outliers._REGISTRY))
+def registry():
+    """The conftest's autouse fixture restores the registries after each test."""
 
 
 def test_builtin_detectors_registered():

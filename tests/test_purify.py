@@ -63,7 +63,7 @@ def shallow():
 
 
 # --------------------------------------------------------------------------------------------
-# independent reference of DESIGN.md §4 (official preset), one square 224 image
+# independent reference of docs/design.md's "The SFP method" (official preset), one square 224 image
 # --------------------------------------------------------------------------------------------
 
 _NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
@@ -151,7 +151,7 @@ def reference_blocks(visual: nn.Module, image: torch.Tensor):
 
 def reference_official(visual: nn.Module, h: dict[int, torch.Tensor], attn: torch.Tensor,
                        detector: str):
-    """DESIGN.md §4 official steps 2-8, literally, for one square image and 12 blocks."""
+    """docs/design.md's official steps 2-8, literally, for one square image and 12 blocks."""
     blocks = visual.transformer.resblocks
     L = len(blocks)
     assert L == 12
@@ -469,7 +469,7 @@ def test_paper_som_purifies_every_layer_and_propagates(vits, small_images) -> No
             [h[:, :1], outliers.mitigate(h[:, 1:], st.grid, st.masks[layer])], dim=1
         )
         with torch.no_grad():
-            nxt = forward.block_forward(blocks[layer], purified).hidden
+            nxt = forward.block_forward(blocks[layer], purified)
         assert torch.allclose(tr.hidden(layer + 1), nxt, atol=1e-5)
     assert torch.equal(st.x_raw, tr.hidden(11)[:, 1:])
     # SAE eq. 6-7 on the purified h_11, then F_vis = A_HAI F_SAE

@@ -15,7 +15,6 @@ from PIL import Image
 
 from sfp.methods.encoders import Encoder, available_methods
 from sfp.seg.pipeline import (
-    BENCHMARK_PRESETS,
     PALETTE,
     Segmentation,
     Segmenter,
@@ -312,29 +311,30 @@ def test_sfp_presets(tiny_vit) -> None:
     for preset in ("official", "paper"):
         seg = Segmenter(tiny_vit, "cat; dog", method="sfp", config=preset, templates=SIMPLE,
                         short_side=48, crop=32, stride=16)
-        assert seg.encoder.config.preset == preset
+        assert seg.encoder.config.preset_name == preset
         assert seg.predict(img).labels.shape == (40, 50)
 
 
 def test_benchmark_presets_and_overrides(tiny_vit) -> None:
-    assert set(BENCHMARK_PRESETS) == {
+    from sfp.seg.benchmarks import BENCHMARKS, get_benchmark
+
+    assert set(BENCHMARKS) == {
         "voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff164k",
         "cityscapes", "ade20k",
     }
-    voc = BENCHMARK_PRESETS["voc21"]
-    assert (voc["logit_scale"], voc["prob_thd"], voc["area_thd"], voc["short_side"]) == (
-        50.0, 0.15, 0.1, 336,
-    )
-    assert BENCHMARK_PRESETS["coco_object"]["logit_scale"] == 55.0
-    assert BENCHMARK_PRESETS["coco_object"]["prob_thd"] == 0.35
-    assert BENCHMARK_PRESETS["cityscapes"]["short_side"] == 560
-    assert all(p["crop"] == 224 and p["stride"] == 112 for p in BENCHMARK_PRESETS.values())
+    voc = get_benchmark("voc21").settings
+    assert (voc.logit_scale, voc.prob_thd, voc.area_thd, voc.short_side) == (50.0, 0.15, 0.1, 336)
+    assert get_benchmark("coco_object").settings.logit_scale == 55.0
+    assert get_benchmark("coco_object").settings.prob_thd == 0.35
+    assert get_benchmark("cityscapes").settings.short_side == 560
+    assert all(get_benchmark(n).settings.crop == 224 and get_benchmark(n).settings.stride == 112
+               for n in BENCHMARKS)
     seg = Segmenter.for_benchmark(tiny_vit, "voc21", method="clip", templates=SIMPLE,
                                   prob_thd=0.3)
     assert seg.num_classes == 21 and seg.class_names[0] == "background"
     assert (seg.logit_scale, seg.prob_thd, seg.area_thd) == (50.0, 0.3, 0.1)
     assert seg.queries.embeddings.shape[0] > 21  # voc21's background line has synonyms
-    with pytest.raises(ValueError, match="Unknown benchmark"):
+    with pytest.raises(ValueError, match="unknown benchmark 'voc22'"):
         Segmenter.for_benchmark(tiny_vit, "voc22", method="clip")
 
 

@@ -17,17 +17,35 @@ def test_read_class_file_synonyms(tmp_path):
 
 
 def test_benchmark_lists_shipped_and_sized():
+    from sfp.seg.benchmarks import benchmark_classes, class_list
+
     sizes = {"voc21": 21, "voc20": 20, "context60": 60, "context59": 59, "coco_object": 81,
              "coco_stuff164k": 171, "cityscapes": 19, "ade20k": 150}
     for name, n in sizes.items():
-        assert len(text.benchmark_classes(name)) == n
-    voc = text.benchmark_classes("voc21")
+        assert len(benchmark_classes(name)) == n
+    voc = benchmark_classes("voc21")
     assert len(voc[0]) > 10 and "sky" in voc[0] and voc[1] == ["aeroplane"]
+    classes, names = class_list("voc21")
+    assert classes == voc and names[:2] == ["background", "aeroplane"]
+    assert class_list("cat; dog, puppy") == ([["cat"], ["dog", "puppy"]], ["cat", "dog"])
 
 
 def test_unknown_benchmark_suggests():
-    with pytest.raises(ClassListError, match="Did you mean voc21"):
-        text.benchmark_classes("voc2l")
+    from sfp.core.errors import RegistryError
+    from sfp.seg.benchmarks import benchmark_classes
+
+    with pytest.raises(RegistryError, match="Did you mean 'voc21'"):
+        benchmark_classes("voc2l")
+
+
+def test_template_sets_are_one_registry():
+    assert text.resolve_templates("simple") == ("a photo of a {}.",)
+    assert text.resolve_templates(None) == text.OPENAI_TEMPLATES
+    assert len(text.resolve_templates("openai80")) == 80
+    assert text.templates_key(None) == "openai80" == text.templates_key("openai80")
+    assert text.templates_key(["x {}"]) == ["x {}"]
+    with pytest.raises(ValueError, match="unknown template set 'fancy'"):
+        text.resolve_templates("fancy")
 
 
 @pytest.mark.parametrize(
@@ -50,7 +68,8 @@ def test_bad_class_lists(bad, match):
 def test_parse_forms(tmp_path):
     assert text.parse_classes("cat; dog, puppy ; grass") == [["cat"], ["dog", "puppy"], ["grass"]]
     assert text.parse_classes(["cat", ["dog", "puppy"]]) == [["cat"], ["dog", "puppy"]]
-    assert len(text.parse_classes("ade20k")) == 150
+    with pytest.raises(ClassListError):  # benchmark names are resolved by sfp.seg.benchmarks
+        text.parse_classes("")
     f = tmp_path / "x.txt"
     f.write_text("a\nb, c\n")
     assert text.parse_classes(str(f)) == [["a"], ["b", "c"]]

@@ -32,7 +32,6 @@ from sfp.viz.widgets import (
     PropagationView,
     StageComparison,
     ThresholdTuner,
-    stage_configs,
 )
 from sfp.viz.widgets._common import label_colors, patch_at, patch_centers
 
@@ -313,13 +312,13 @@ def test_stage_comparison(tiny):
     # the tiny model sees 64 px crops: one 64 x 64 window, a 4 x 4 patch grid
     kw = dict(short_side=64, crop=64, stride=32)
     comp = StageComparison(bundle, img, CLASSES, baselines=("sclip",), **kw)
-    assert comp.panels == ["CLIP", "+SOM", "+SAE", "SFP", "sclip"]
+    assert comp.panels == ["CLIP", "+SOM", "+SOM+SAE", "SFP", "sclip"]
     assert len(comp.figure.data) == 10
-    specs = stage_configs()
+    specs = comp.stages
     assert specs["CLIP"] == ("clip", None)
     assert specs["+SOM"][1].sae is False and specs["+SOM"][1].hai is False
     assert specs["+SOM"][1].pre_aggregate is False and specs["+SOM"][1].som is True
-    assert specs["+SAE"][1].sae is True and specs["+SAE"][1].hai is False
+    assert specs["+SOM+SAE"][1].sae is True and specs["+SOM+SAE"][1].hai is False
     assert specs["SFP"][1] == SFPConfig.official()
 
     # outlier marks are the patches SFP's detector flags on the (single) crop
@@ -347,7 +346,7 @@ def test_stage_comparison(tiny):
     for name in comp.panels:
         m = by_meta[f"outliers:{name}"]
         assert len(m.x) == int(mask.sum())
-        assert m.marker.symbol == ("x" if name in ("+SOM", "+SAE", "SFP") else "circle-open")
+        assert m.marker.symbol == ("x" if name in ("+SOM", "+SOM+SAE", "SFP") else "circle-open")
     # the overlay is the label colours blended over the image
     labels = comp.segmentations["CLIP"].labels.numpy()
     shown = _png(by_meta["image:CLIP"].source).astype(int)
@@ -359,7 +358,7 @@ def test_stage_comparison(tiny):
     comp.show_outliers_checkbox.value = False
     assert all(len(by_meta[f"outliers:{n}"].x) == 0 for n in comp.panels)
     comp.baselines_select.value = ()
-    assert comp.panels == ["CLIP", "+SOM", "+SAE", "SFP"]
+    assert comp.panels == ["CLIP", "+SOM", "+SOM+SAE", "SFP"]
     assert comp.figure in comp.children
     assert len(comp.figure.data) == 8
     assert "random" in comp.children[0].value
@@ -469,3 +468,32 @@ def test_tuner_controls_and_config_code(tuner_setup, capsys):
     assert isinstance(tuner.to_figure(), go.Figure)
     with pytest.raises(ValueError, match="masks"):
         ThresholdTuner(bundle, [scene], CLASSES, masks=[mask, mask])
+
+
+def test_stage_ladder_is_one_object_for_figure_and_widget(tiny):
+    from sfp.methods import stages
+    from sfp.viz.figures import ablation
+    from sfp.viz.figures.ablation import stage_ablation_data
+    from sfp.viz.widgets import stages as widget_stages
+
+    assert ablation.stage_ladder is stages.stage_ladder is widget_stages.stage_ladder
+    bundle, img, x, trace = tiny
+    cfg = SFPConfig.official(top_k=3)
+    comp = StageComparison(bundle, img, CLASSES, config=cfg, short_side=64, crop=64, stride=32)
+    fig = stage_ablation_data(bundle, img, CLASSES, config=cfg, templates="simple")
+    ladder = stages.stage_ladder(cfg)
+    assert comp.panels == fig.columns == [name for name, _, _ in ladder]
+    assert comp.stages == {name: (method, c) for name, method, c in ladder}
+    # the figure's "+SOM" column is the widget's "+SOM" panel: the same switches are off
+    assert ladder[1][2] == cfg.replace(sae=False, hai=False, pre_aggregate=False,
+                                      post_aggregate=False)
+
+
+def test_html_export_holds_no_network_script(tiny, tmp_path):
+    from sfp.viz.figures import external_urls
+
+    bundle, img, x, trace = tiny
+    path = OutlierExplorer(trace, img).save_html(str(tmp_path / "explorer.html"))
+    page = open(path, encoding="utf-8").read()
+    assert external_urls(page) == []
+    assert "cdn.plot.ly" not in page and "Plotly.newPlot" in page

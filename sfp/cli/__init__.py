@@ -1,4 +1,4 @@
-"""sfp.cli."""
+"""The ``sfp`` command line (see :mod:`sfp.cli.app`)."""
 
 from sfp.cli.app import main
 

@@ -1,21 +1,37 @@
-"""The ``sfp`` command line.
+"""The ``sfp`` command line: the parser, the subcommands, and the one error policy.
 
-Subcommands live beside the code they drive: a module listed in ``_COMMAND_MODULES``
-exposes ``register_cli(subparsers)``, which adds its parsers with ``set_defaults(func=...)``;
-``func(args) -> int`` runs the command.
+Each subcommand module (:mod:`sfp.cli.seg`, :mod:`sfp.cli.figures`, :mod:`sfp.cli.demo`)
+exposes ``register(subparsers)``, which adds its parsers with ``set_defaults(func=...)``;
+``func(args) -> int`` runs the command and simply raises on failure. :func:`main` turns every
+known error into one line ``sfp <command>: error: <message>`` and an exit code:
+
+=============================================  =====
+error                                          exit
+=============================================  =====
+:class:`sfp.models.loading.WeightsUnavailableError`  3
+any other :class:`sfp.core.errors.SFPError`    2
+``FileNotFoundError``, ``ValueError``          2
+``KeyboardInterrupt`` (Ctrl-C)                 130
+=============================================  =====
+
+With ``-v`` the traceback is printed too; any other exception is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+import traceback
 
 from sfp import __version__
+from sfp.cli import demo, figures, seg
+from sfp.core.errors import SFPError
 
-# Modules that add subcommands; a missing optional module is skipped.
-_COMMAND_MODULES = ("sfp.viz.demo", "sfp.seg.evaluate", "sfp.cli.figures")
+__all__ = ["build_parser", "exit_code", "main"]
+
+_COMMANDS = (seg, figures, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,60 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"sfp {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log more detail (and show tracebacks of errors)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod_name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and mod_name.startswith(exc.name):
-                continue
-            raise
-        mod.register_cli(sub)
+    for module in _COMMANDS:
+        module.register(sub)
     return parser
 
 
-def add_model_arguments(p: argparse.ArgumentParser, synthetic: bool = True) -> None:
-    """--model / --pretrained (/ --synthetic) shared by the subcommands that load a model."""
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
-    p.add_argument(
-        "--pretrained",
-        default=None,
-        help="pretrained tag (e.g. openai), weights file, or 'random'; default: "
-        "$SFP_CHECKPOINT if set, else openai",
-    )
-    p.add_argument(
-        "--quick-gelu",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="activation of a plain state-dict file (OpenAI weights need yes)",
-    )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
-    if synthetic:
-        p.add_argument(
-            "--synthetic",
-            action="store_true",
-            help="use the planted-outlier model (no weights needed; NOT a real CLIP)",
-        )
-
-
-def load_bundle_from_args(args: argparse.Namespace):
-    """Load the model the shared model arguments ask for."""
-    from sfp.models.loading import default_pretrained, load_model
-
-    if getattr(args, "synthetic", False):
-        from sfp.models.synthetic import planted_model
-
-        bundle, _ = planted_model(args.model, device=args.device or "cpu")
-        return bundle
-    pretrained = args.pretrained or default_pretrained()
-    qg = {"auto": None, "yes": True, "no": False}[args.quick_gelu]
-    return load_model(
-        args.model,
-        pretrained=None if pretrained == "random" else pretrained,
-        device=args.device,
-        quick_gelu=qg,
-    )
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of a known error (see the module docstring), None for a bug."""
+    if isinstance(exc, SFPError):
+        return exc.exit_code
+    if isinstance(exc, (FileNotFoundError, ValueError)):
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,17 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from sfp.core.io import ImageError
-    from sfp.models.loading import ModelLoadError, WeightsUnavailableError
-
     try:
         return int(args.func(args) or 0)
-    except (WeightsUnavailableError, ModelLoadError, ImageError, FileNotFoundError) as exc:
-        print(f"sfp {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"sfp {args.command}: interrupted.", file=sys.stderr)
-        return 130
+    except (SFPError, FileNotFoundError, ValueError, KeyboardInterrupt) as exc:
+        code = exit_code(exc)
+        assert code is not None
+        if args.verbose:
+            traceback.print_exception(exc)
+        what = "interrupted." if isinstance(exc, KeyboardInterrupt) else f"error: {exc}"
+        print(f"sfp {args.command}: {what}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register_cli", "run_figures", "script_inputs", "script_parser", "write_index"]
+from sfp.cli import common
+from sfp.core.outliers import DETECTORS
+from sfp.methods.config import PRESETS
+from sfp.models.text import TEMPLATES
+
+__all__ = ["register", "run_figures", "script_inputs", "script_parser", "write_index"]
 
 
 def _layers(text: str) -> list[int]:
@@ -55,10 +60,8 @@ def _head(text: str) -> str | int:
             from exc
 
 
-def register_cli(subparsers: Any) -> None:
+def register(subparsers: Any) -> None:
     """Add the ``figures`` subcommand."""
-    from sfp.cli.app import add_model_arguments
-
     p = subparsers.add_parser(
         "figures",
         help="analysis figures (outlier grid, propagation, agreement, ablation, layer-wise)",
@@ -68,22 +71,24 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--image", action="append", required=True, metavar="PATH",
                    help="an image file (repeat for several)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    add_model_arguments(p)
+    common.add_model_arguments(p)
     p.add_argument("--layers", type=_layers, default=None,
                    help="outlier-grid layers, e.g. 2,4,6,8,10 (default 1,6,8,11 scaled to depth)")
-    p.add_argument("--detector", default="som", help="outlier detector (som, l2, lof, norm_z)")
+    p.add_argument("--detector", default="som", choices=DETECTORS.names(),
+                   help="outlier detector (default som)")
     p.add_argument("--head", type=_head, default="mean", help="'mean' or a head index")
     p.add_argument("--patch", type=_patch, default=None,
                    help="selected patch: INDEX or ROW,COL (default: centre)")
     p.add_argument("--classes", default="voc21",
                    help="classes for the stage ablation's segmentation: a benchmark name, a "
                    "class file or 'cat; dog; grass' (default voc21)")
-    p.add_argument("--templates", default="openai80", choices=("openai80", "simple"),
-                   help="prompt templates: the 80 OpenAI ones (slow on CPU) or 'a photo of a {}.'")
+    p.add_argument("--templates", default="openai80", choices=TEMPLATES.names(),
+                   help="prompt templates: " + "; ".join(
+                       f"{e.name}: {e.doc}" for e in TEMPLATES.entries()))
     p.add_argument("--baselines", default="sclip",
                    help="comma-separated baseline encoders for the ablation (default sclip; "
                    "'' for none)")
-    p.add_argument("--preset", default="official", choices=("official", "paper"),
+    p.add_argument("--preset", default="official", choices=PRESETS.names(),
                    help="SFP configuration of the stage ablation")
     p.add_argument("--feature-map", default="norm", choices=("norm", "pca"),
                    help="feature maps as L2 norm or PCA -> RGB")
@@ -129,8 +134,8 @@ def write_index(out: Path, bundle: Any, sections: list[tuple[str, list[Any], str
         entries.extend(entry(fr) for fr in extra)
     banner = f"Model: {bundle.label}."
     if bundle.is_synthetic:
-        banner += (" It is a random CLIP with outliers planted at known positions (sfp.models.synthetic);"
-                   " nothing here says anything about pretrained CLIP.")
+        banner += (" It is a random CLIP with outliers planted at known positions "
+                   "(sfp.models.synthetic); nothing here says anything about pretrained CLIP.")
     if note:
         banner += " " + note
     return write_html_page(out / "index.html", title, entries, banner=banner,
@@ -140,10 +145,8 @@ def write_index(out: Path, bundle: Any, sections: list[tuple[str, list[Any], str
 def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
     """Run ``sfp figures`` with parsed ``args`` (``bundle`` given: use it instead of loading
     one). Returns the index page's path."""
-    from sfp.cli.app import load_bundle_from_args
-    from sfp.core.outliers import available_detectors
-    from sfp.models.text import embed_queries
-    from sfp.seg.pipeline import TEMPLATE_SETS
+    from sfp.models.text import resolve_templates
+    from sfp.seg.pipeline import embed_classes
     from sfp.viz.figures.export import write_plotly_page
     from sfp.viz.figures.layerwise import SOMDetections, som_detections_data
     from sfp.viz.figures.render import render_image, render_som_detections
@@ -154,20 +157,17 @@ def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
     for path in args.image:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--image {path}: no such file.")
-    if args.detector not in available_detectors():
-        raise SystemExit(f"sfp figures: error: unknown --detector {args.detector!r}; choose "
-                         f"from {', '.join(available_detectors())}.")
+    DETECTORS.get(args.detector)  # RegistryError naming the detectors
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if bundle is None:
-        bundle = load_bundle_from_args(args)
+        bundle = common.load_bundle_from_args(args)
     print(f"sfp figures: model {bundle.label}", file=sys.stderr)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    templates = TEMPLATE_SETS[args.templates]
-    queries = embed_queries(bundle, args.classes, templates)
-    ttext = (" (80 OpenAI templates)" if templates is None
-             else f" (template{'s' if len(templates) > 1 else ''} {', '.join(templates)})")
+    templates = resolve_templates(args.templates)
+    queries = embed_classes(bundle, args.classes, templates)
+    ttext = f" ({TEMPLATES.get(args.templates).display})"
     used: set[str] = set()
     sections, parts = [], []
     for path in args.image:
@@ -219,15 +219,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def script_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     """Argument parser of an ``analysis/`` script: images, output folder, model, formats."""
-    from sfp.cli.app import add_model_arguments
-
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="image file (repeatable); default: scikit-image's astronaut photo")
     p.add_argument("--out", default=default_out, metavar="DIR",
                    help=f"output folder (default {default_out})")
-    add_model_arguments(p)
+    common.add_model_arguments(p)
     p.add_argument("--size", type=int, default=224, help="short side in pixels (default 224)")
     p.add_argument("--no-crop", action="store_true", help="keep the aspect ratio")
     p.add_argument("--formats", default="png,svg", help="static formats (default png,svg)")
@@ -237,11 +235,10 @@ def script_parser(description: str, default_out: str) -> argparse.ArgumentParser
 
 def script_inputs(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]:
     """(bundle, image views, formats) for an ``analysis/`` script's parsed arguments."""
-    from sfp.cli.app import load_bundle_from_args
     from sfp.core.io import sample_images
     from sfp.viz.figures.views import image_view
 
-    bundle = load_bundle_from_args(args)
+    bundle = common.load_bundle_from_args(args)
     print(f"model: {bundle.label}", file=sys.stderr)
     crop = not args.no_crop
     if args.image:

@@ -1,7 +1,7 @@
 """Outlier detectors for ViT patch tokens, and neighbour-mean mitigation.
 
 Everything here is a pure function on tensors, batched over images (no hidden state; the
-detector registry is the only module-level table). Shapes use B images, H heads, T = 1 + N
+detector registry :data:`DETECTORS` is the only module-level table). Shapes use B images, H heads, T = 1 + N
 tokens (token 0 is the class token, then N patch tokens in row-major order on a gh x gw grid),
 C channels.
 
@@ -24,7 +24,6 @@ distances overflow); float32 and float64 inputs are used as they are.
 
 from __future__ import annotations
 
-import difflib
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sfp.core.errors import SFPError
+from sfp.core.registry import Param, Registry, RegistryError, signature_defaults
+
 __all__ = [
+    "DETECTORS",
     "Detector",
     "LayerStats",
     "MissingInputError",
@@ -367,21 +370,33 @@ def norm_z(hidden: Tensor, threshold: float = 3.5, *, has_cls: bool = True) -> O
 @dataclass(frozen=True)
 class Detector:
     """A registered detector: ``fn(x, **params) -> OutlierResult`` on one layer's ``needs``
-    input (attention (B, H, T, T) or hidden (B, T, C))."""
+    input (attention (B, H, T, T) or hidden (B, T, C)).
+
+    display: label in figures and widgets. params: its tunable parameters, defaults taken from
+    ``fn``'s signature (the one place they are written), ranges for sliders.
+    """
 
     name: str
     fn: Callable[..., OutlierResult]
     needs: Needs
+    display: str = ""
+    doc: str = ""
+    params: tuple[Param, ...] = ()
 
     def __call__(self, x: Tensor, **params: Any) -> OutlierResult:
         return self.fn(x, **params)
 
+    def defaults(self) -> dict[str, Any]:
+        """``{parameter: default}``, e.g. ``{"top_k": 10, "cls_scale": 1.5}`` for som."""
+        return {p.name: p.default for p in self.params}
 
-class MissingInputError(ValueError):
+
+class MissingInputError(SFPError, ValueError):
     """A detector's input (attention or hidden states) was not recorded."""
 
 
-_REGISTRY: dict[str, Detector] = {}
+#: Every detector by name (value: :class:`Detector`).
+DETECTORS: Registry[Detector] = Registry("detector")
 
 
 def register_detector(
@@ -389,49 +404,70 @@ def register_detector(
     fn: Callable[..., OutlierResult],
     needs: Needs = "hidden",
     overwrite: bool = False,
+    *,
+    display: str | None = None,
+    doc: str = "",
+    ranges: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Detector:
     """Register ``fn(x, **params) -> OutlierResult`` under ``name``.
 
     needs: "attention" (fn gets (B, H, T, T)) or "hidden" (fn gets (B, T, C), class token
-    first). Re-registering a name raises ValueError unless ``overwrite=True``.
+    first). ranges: ``{param: {"low": .., "high": .., "step": ..}}`` or ``{"choices": (..)}``
+    for the widgets' controls; defaults come from ``fn``'s signature. Re-registering a name
+    raises RegistryError unless ``overwrite=True``.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"detector name must be a non-empty string, got {name!r}")
+        raise RegistryError(f"detector name must be a non-empty string, got {name!r}")
     if not callable(fn):
-        raise ValueError(f"detector {name!r}: fn must be callable, got {type(fn).__name__}")
+        raise RegistryError(f"detector {name!r}: fn must be callable, got {type(fn).__name__}")
     if needs not in ("attention", "hidden"):
-        raise ValueError(f"detector {name!r}: needs must be 'attention' or 'hidden', got {needs!r}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(
-            f"detector {name!r} is already registered; pass overwrite=True to replace it"
+        raise RegistryError(
+            f"detector {name!r}: needs must be 'attention' or 'hidden', got {needs!r}"
         )
-    detector = Detector(name=name, fn=fn, needs=needs)
-    _REGISTRY[name] = detector
+    ranges = dict(ranges or {})
+    params = tuple(
+        Param(p, default, **ranges.get(p, {}))
+        for p, default in signature_defaults(fn).items() if p != "has_cls"
+    )
+    detector = Detector(name=name, fn=fn, needs=needs, display=display or name, doc=doc,
+                        params=params)
+    DETECTORS.register(name, detector, display=detector.display, doc=doc, params=params,
+                       overwrite=overwrite, needs=needs)
     return detector
 
 
 def available_detectors() -> list[str]:
-    """Names of the registered detectors, sorted."""
-    return sorted(_REGISTRY)
+    """Names of the registered detectors, in registration order."""
+    return list(DETECTORS.names())
 
 
 def get_detector(name: str) -> Detector:
-    """The registered :class:`Detector` called ``name``; ValueError (with suggestions) if none."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        pass
-    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(
-        f"unknown detector {name!r}; registered: {', '.join(available_detectors())}.{hint}"
-    )
+    """The registered :class:`Detector` called ``name``; RegistryError (with suggestions)."""
+    return DETECTORS.get(name).value
 
 
-register_detector("som", som, needs="attention")
-register_detector("l2", l2, needs="hidden")
-register_detector("lof", lof, needs="hidden")
-register_detector("norm_z", norm_z, needs="hidden")
+register_detector(
+    "som", som, needs="attention", display="SOM",
+    doc="SFP's criterion: cls_scale * A[cls, i] > A[i, i], top-k by class-token attention",
+    ranges={"top_k": {"low": 1, "high": 50, "step": 1},
+            "cls_scale": {"low": 0.1, "high": 5.0, "step": 0.05}},
+)
+register_detector(
+    "l2", l2, needs="hidden", display="L2 norm", doc="the top-k patch tokens by L2 norm",
+    ranges={"top_k": {"low": 1, "high": 50, "step": 1}},
+)
+register_detector(
+    "lof", lof, needs="hidden", display="LOF",
+    doc="Local Outlier Factor of the patch tokens (SC-CLIP's variant or textbook)",
+    ranges={"n_neighbors": {"low": 1, "high": 60, "step": 1},
+            "contamination": {"low": 0.01, "high": 0.5, "step": 0.01},
+            "variant": {"choices": ("sc-clip", "standard")}},
+)
+register_detector(
+    "norm_z", norm_z, needs="hidden", display="norm z-score",
+    doc="robust (median/MAD) z-score of the patch-token norms above a threshold",
+    ranges={"threshold": {"low": 0.0, "high": 20.0, "step": 0.1}},
+)
 
 
 def _fetch(source: Any, needs: Needs, layer: int | None, detector: str) -> Tensor:

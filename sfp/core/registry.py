@@ -77,7 +77,7 @@ class Entry(Generic[T]):
 
 def _key(name: Any, kind: str) -> str:
     if not isinstance(name, str):
-        raise RegistryError(f"a {kind} is named by a string, got {type(name).__name__}.")
+        raise TypeError(f"a {kind} is named by a string, got {type(name).__name__}.")
     return name.strip().lower().replace("-", "_")
 
 

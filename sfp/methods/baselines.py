@@ -1,8 +1,9 @@
 """Training-free dense CLIP encoders from the literature, in sfp's harness.
 
-Every baseline here runs the one forward path of :mod:`sfp.core.forward` unchanged for blocks 1..L-1
-(``forward.embed`` + ``forward.run_blocks``) and replaces only block L by a pure function on tensors;
-the patch tokens of its output go through ``ln_post`` and ``proj`` (``forward.project_patches``).
+Every baseline runs the forward of :mod:`sfp.core.forward` unchanged for blocks 1..L-1 and
+replaces only block L, assembled from the same block pieces (so block L's hook points fire with
+the method's own attention); the patch tokens of its output go through ``ln_post`` and
+``proj``.
 Each follows its authors' released code for ViT-B/16 at the default settings (the papers and the
 files read are cited in each class). What block L becomes, with ``s = d_head ** -0.5``:
 
@@ -21,11 +22,12 @@ the result. All tokens (cls included) take part in the modified attention, as in
 only the patch tokens are returned. Softmaxes and ``attention @ v`` are computed in float32 and
 cast back to the model's dtype before ``out_proj``, so fp16/bf16 bundles work (the releases run
 these in the model's dtype, fp16 on CUDA). LayerScale (``ls_1``/``ls_2``, identity for CLIP) is
-applied as in :func:`sfp.core.forward.block_forward`.
+applied as in :func:`sfp.core.forward.block_forward`. The attention variants themselves are pure
+functions in :mod:`sfp.methods.attention`.
 
 Differences from the releases, all deliberate: positional embeddings are interpolated to the exact
-patch grid by :func:`sfp.core.forward.positional_embedding` (the releases use a ``scale_factor`` and skip
-non-square grids with the pretraining token count); any batch size and non-square grids work; the
+patch grid by :func:`sfp.core.forward.positional_embedding` (the releases use a ``scale_factor``
+and skip non-square grids with the pretraining token count); any batch size and non-square grids work; the
 segmentation-time extras of the releases (sliding windows, PAMR, logit scales, thresholds) belong
 to :mod:`sfp.seg.pipeline`, not to these encoders.
 """
@@ -40,8 +42,14 @@ import torch
 from torch import nn
 
 from sfp.core import forward
-from sfp.methods.encoders import Encoder
-from sfp.models.loading import ModelBundle
+from sfp.core.hooks import NO_HOOKS, Hooks, block_hook
+from sfp.methods.attention import (
+    correlative_probs,
+    gaussian_neighbourhood_bias,
+    neighbourhood_probs,
+    self_self_probs,
+)
+from sfp.methods.base import Encoder, FwdHooks, register_encoder
 
 __all__ = [
     "CLIPEncoder",
@@ -53,16 +61,12 @@ __all__ = [
     "NACLIPEncoder",
     "SCLIPConfig",
     "SCLIPEncoder",
-    "attend",
     "clearclip_block",
-    "correlative_probs",
-    "gaussian_neighbourhood_bias",
     "maskclip_block",
+    "PatternFn",
     "modified_block",
     "naclip_block",
-    "neighbourhood_probs",
     "sclip_block",
-    "self_self_probs",
 ]
 
 SelfSelf = Literal["qq", "kk", "vv"]
@@ -159,120 +163,71 @@ class NACLIPConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _scale_of(x: torch.Tensor, scale: float | None) -> float:
-    return x.shape[-1] ** -0.5 if scale is None else float(scale)
-
-
-def self_self_probs(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(x x^T * scale) per head in float32: x (B, H, T, d) -> (B, H, T, T).
-
-    ``scale`` None means ``d ** -0.5``.
-    """
-    xf = x.float()
-    return torch.softmax((xf @ xf.transpose(-1, -2)) * _scale_of(x, scale), dim=-1)
-
-
-def correlative_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """SCLIP's correlative self-attention: softmax(q q^T s) + softmax(k k^T s), summed.
-
-    q, k: (B, H, T, d) -> (B, H, T, T) float32; each row sums to 2 (not averaged, as in the
-    release).
-    """
-    return self_self_probs(q, scale) + self_self_probs(k, scale)
-
-
-def gaussian_neighbourhood_bias(
-    grid: forward.Grid, std: float, *, cls_token: bool = True, device: torch.device | None = None
-) -> torch.Tensor:
-    """NACLIP's neighbourhood bias over a ``(gh, gw)`` patch grid, float32.
-
-    ``G[i, j] = exp(-((r_i - r_j)^2 + (c_i - c_j)^2) / (2 std^2))`` for patches ``i, j`` at rows
-    ``r`` and columns ``c`` (row-major, distances in patches, rows and columns kept apart). With
-    ``cls_token`` a zero row and column are prepended for the class token.
-    Returns (1 + N, 1 + N) (or (N, N)), N = gh * gw; symmetric, ones on the patch diagonal.
-    """
-    gh, gw = int(grid[0]), int(grid[1])
-    if gh < 1 or gw < 1:
-        raise ValueError(f"grid must be positive, got {grid!r}.")
-    if not std > 0:
-        raise ValueError(f"std must be positive, got {std!r}.")
-    rows = torch.arange(gh, device=device, dtype=torch.float32).repeat_interleave(gw)
-    cols = torch.arange(gw, device=device, dtype=torch.float32).repeat(gh)
-    d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
-    bias = torch.exp(-d2 / (2.0 * float(std) ** 2))
-    if cls_token:
-        bias = torch.nn.functional.pad(bias, (1, 0, 1, 0))
-    return bias
-
-
-def neighbourhood_probs(
-    k: torch.Tensor, bias: torch.Tensor, scale: float | None = None
-) -> torch.Tensor:
-    """NACLIP's attention: softmax(k k^T * scale + bias) in float32.
-
-    k: (B, H, T, d), bias: (T, T) added to the logits of every head -> (B, H, T, T).
-    """
-    kf = k.float()
-    logits = (kf @ kf.transpose(-1, -2)) * _scale_of(k, scale)
-    return torch.softmax(logits + bias.to(device=logits.device, dtype=torch.float32), dim=-1)
-
-
-def attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """probs @ v in float32, cast back to v's dtype: (B, H, T, T), (B, H, T, d) -> (B, H, T, d)."""
-    return (probs.float() @ v.float()).to(v.dtype)
-
-
-HeadMixer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``mix(q, k, v) -> o``, all (B, H, T, d): what a block's attention does with its heads."""
+PatternFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``pattern(q, k, v) -> probs``: (B, H, T, d) x3 -> (B, H, T, T) float32, a block's attention."""
 
 
 def modified_block(
-    block: nn.Module, x: torch.Tensor, mix: HeadMixer, *, residual: bool, ffn: bool
+    block: nn.Module,
+    x: torch.Tensor,
+    pattern: PatternFn | None,
+    *,
+    residual: bool,
+    ffn: bool,
+    layer: int = 0,
+    hooks: Hooks = NO_HOOKS,
 ) -> torch.Tensor:
-    """A pre-norm ViT block whose attention is ``mix`` and whose residual/FFN are switches.
+    """A pre-norm ViT block whose attention is ``pattern`` and whose residual/FFN are switches.
 
-    ``y = ls_1(out_proj(mix(q, k, v)))`` with q, k, v from ``in_proj(ln_1(x))``; then
-    ``y = x + y`` if ``residual``; then ``y = y + ls_2(mlp(ln_2(y)))`` if ``ffn``.
-    x: (B, T, C) -> (B, T, C).
+    ``y = ls_1(out_proj(pattern(q, k, v) @ v))`` with q, k, v from ``in_proj(ln_1(x))`` (``pattern``
+    None: the value path, ``y = ls_1(out_proj(v))``); then ``y = x + y`` if ``residual``; then
+    ``y = y + ls_2(mlp(ln_2(y)))`` if ``ffn``. x: (B, T, C) -> (B, T, C). The hook points of
+    block ``layer`` fire along the way (``attn.hook_pattern`` with ``pattern``'s output;
+    ``hook_resid_mid`` with the attention result, residual or not).
     """
-    q, k, v = forward.qkv(block, block.ln_1(x))
-    y = block.ls_1(forward.merge_heads(block, mix(q, k, v)))
-    if residual:
-        y = x + y
+    x = hooks(block_hook(layer, "hook_resid_pre"), x)
+    q, k, v = forward.attention_inputs(block, x, layer, hooks)
+    if pattern is None:
+        o = v
+    else:
+        o = forward.attend(forward.pattern_hook(pattern(q, k, v), layer, hooks)[0], v)
+    y = forward.attention_output(block, o, layer, hooks)
+    y = hooks(block_hook(layer, "hook_resid_mid"), x + y if residual else y)
     if ffn:
-        y = y + block.ls_2(block.mlp(block.ln_2(y)))
-    return y
+        y = y + forward.mlp_output(block, y, layer, hooks)
+    return hooks(block_hook(layer, "hook_resid_post"), y)
 
 
-def maskclip_block(block: nn.Module, x: torch.Tensor, config: MaskCLIPConfig) -> torch.Tensor:
+def maskclip_block(block: nn.Module, x: torch.Tensor, config: MaskCLIPConfig, *,
+                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
     """MaskCLIP's last block: the value path ``out_proj(v)`` in place of attention.
 
     x: (B, T, C) -> (B, T, C).
     """
-    return modified_block(block, x, lambda q, k, v: v, residual=config.residual, ffn=config.ffn)
+    return modified_block(block, x, None, residual=config.residual, ffn=config.ffn,
+                          layer=layer, hooks=hooks)
 
 
-def sclip_block(block: nn.Module, x: torch.Tensor, config: SCLIPConfig) -> torch.Tensor:
+def sclip_block(block: nn.Module, x: torch.Tensor, config: SCLIPConfig, *,
+                layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
     """SCLIP's last block: correlative self-attention. x: (B, T, C) -> (B, T, C)."""
-
-    def mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attend(correlative_probs(q, k, config.scale), v)
-
-    return modified_block(block, x, mix, residual=config.residual, ffn=config.ffn)
+    return modified_block(block, x, lambda q, k, v: correlative_probs(q, k, config.scale),
+                          residual=config.residual, ffn=config.ffn, layer=layer, hooks=hooks)
 
 
-def clearclip_block(block: nn.Module, x: torch.Tensor, config: ClearCLIPConfig) -> torch.Tensor:
+def clearclip_block(block: nn.Module, x: torch.Tensor, config: ClearCLIPConfig, *,
+                    layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
     """ClearCLIP's last block: self-self (q-q) attention. x: (B, T, C) -> (B, T, C)."""
     which = "qkv".index(config.attention[0])
-
-    def mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attend(self_self_probs((q, k, v)[which], config.scale), v)
-
-    return modified_block(block, x, mix, residual=config.residual, ffn=config.ffn)
+    return modified_block(
+        block, x, lambda q, k, v: self_self_probs((q, k, v)[which], config.scale),
+        residual=config.residual, ffn=config.ffn, layer=layer, hooks=hooks,
+    )
 
 
 def naclip_block(
-    block: nn.Module, x: torch.Tensor, grid: forward.Grid, config: NACLIPConfig
+    block: nn.Module, x: torch.Tensor, grid: forward.Grid, config: NACLIPConfig, *,
+    layer: int = 0, hooks: Hooks = NO_HOOKS,
 ) -> torch.Tensor:
     """NACLIP's last block: k-k attention with a Gaussian neighbourhood bias on the logits.
 
@@ -282,11 +237,8 @@ def naclip_block(
     if x.shape[1] != 1 + n:
         raise ValueError(f"x holds {x.shape[1]} tokens; grid {grid} needs 1 + {n}.")
     bias = gaussian_neighbourhood_bias(grid, config.gaussian_std, device=x.device)
-
-    def mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attend(neighbourhood_probs(k, bias, config.scale), v)
-
-    return modified_block(block, x, mix, residual=config.residual, ffn=config.ffn)
+    return modified_block(block, x, lambda q, k, v: neighbourhood_probs(k, bias, config.scale),
+                          residual=config.residual, ffn=config.ffn, layer=layer, hooks=hooks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,20 +256,21 @@ class CLIPEncoder(Encoder):
 
     name = "clip"
 
-    def __init__(self, bundle: ModelBundle, config: None = None) -> None:
+    def __init__(self, bundle: Any, config: None = None) -> None:
         if config is not None:
             raise TypeError(f"The 'clip' encoder has no configuration; got {config!r}.")
         super().__init__(bundle)
 
     @torch.no_grad()
-    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, images: torch.Tensor, fwd_hooks: FwdHooks = None) -> torch.Tensor:
         """Final hidden states h_L: images (B, 3, H, W) -> (B, 1 + N, C), before ln_post."""
-        x, _ = forward.embed(self.visual, images)
-        return forward.run_blocks(self.visual, x)
+        return forward.run(self.visual, images, self.hooks(fwd_hooks))[0]
 
-    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_patches(self, images: torch.Tensor, fwd_hooks: FwdHooks = None) -> torch.Tensor:
         """images (B, 3, H, W) -> (B, N, D): ``ln_post(h_L[:, 1:]) @ proj``."""
-        return forward.project_patches(self.visual, self.encode_tokens(images)[:, 1:])
+        n = self.grid(images)
+        tokens = self.encode_tokens(images, fwd_hooks)
+        return forward.project_patches(self.visual, tokens[:, 1 : 1 + n[0] * n[1]])
 
 
 class _LastBlockEncoder(Encoder):
@@ -325,7 +278,7 @@ class _LastBlockEncoder(Encoder):
 
     config_type: type = object
 
-    def __init__(self, bundle: ModelBundle, config: Any = None) -> None:
+    def __init__(self, bundle: Any, config: Any = None) -> None:
         super().__init__(bundle)
         if config is None:
             config = self.config_type()
@@ -336,21 +289,25 @@ class _LastBlockEncoder(Encoder):
             )
         self._config = config
 
-    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
+                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
         """The modified block L: x = h_{L-1} (B, 1 + N, C) -> (B, 1 + N, C)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, images: torch.Tensor, fwd_hooks: FwdHooks = None) -> torch.Tensor:
         """Output of the modified block L: images (B, 3, H, W) -> (B, 1 + N, C), before ln_post."""
-        x, grid = forward.embed(self.visual, images)
-        last = self.bundle.num_layers
-        x = forward.run_blocks(self.visual, x, 1, last - 1)
-        return self.last_block(forward.blocks_of(self.visual)[last - 1], x, grid)
+        hooks = self.hooks(fwd_hooks)
+        x, grid = forward.embed(self.visual, images, hooks)
+        last = self.num_layers
+        x = forward.run_blocks(self.visual, x, 1, last - 1, hooks)
+        return self.last_block(forward.blocks_of(self.visual)[last - 1], x, grid, last, hooks)
 
-    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_patches(self, images: torch.Tensor, fwd_hooks: FwdHooks = None) -> torch.Tensor:
         """images (B, 3, H, W) -> (B, N, D): ``ln_post(tokens[:, 1:]) @ proj``."""
-        return forward.project_patches(self.visual, self.encode_tokens(images)[:, 1:])
+        n = self.grid(images)
+        tokens = self.encode_tokens(images, fwd_hooks)
+        return forward.project_patches(self.visual, tokens[:, 1 : 1 + n[0] * n[1]])
 
 
 class MaskCLIPEncoder(_LastBlockEncoder):
@@ -373,8 +330,9 @@ class MaskCLIPEncoder(_LastBlockEncoder):
     name = "maskclip"
     config_type = MaskCLIPConfig
 
-    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
-        return maskclip_block(block, x, self._config)
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
+                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
+        return maskclip_block(block, x, self._config, layer=layer, hooks=hooks)
 
 
 class SCLIPEncoder(_LastBlockEncoder):
@@ -393,8 +351,9 @@ class SCLIPEncoder(_LastBlockEncoder):
     name = "sclip"
     config_type = SCLIPConfig
 
-    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
-        return sclip_block(block, x, self._config)
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
+                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
+        return sclip_block(block, x, self._config, layer=layer, hooks=hooks)
 
 
 class ClearCLIPEncoder(_LastBlockEncoder):
@@ -416,8 +375,9 @@ class ClearCLIPEncoder(_LastBlockEncoder):
     name = "clearclip"
     config_type = ClearCLIPConfig
 
-    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
-        return clearclip_block(block, x, self._config)
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
+                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
+        return clearclip_block(block, x, self._config, layer=layer, hooks=hooks)
 
 
 class NACLIPEncoder(_LastBlockEncoder):
@@ -440,5 +400,20 @@ class NACLIPEncoder(_LastBlockEncoder):
     name = "naclip"
     config_type = NACLIPConfig
 
-    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid) -> torch.Tensor:
-        return naclip_block(block, x, grid, self._config)
+    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
+                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
+        return naclip_block(block, x, grid, self._config, layer=layer, hooks=hooks)
+
+
+register_encoder("clip", CLIPEncoder, display="CLIP", citation="Radford et al., ICML 2021",
+                 doc="plain CLIP patch tokens")
+register_encoder("maskclip", MaskCLIPEncoder, display="MaskCLIP", config_type=MaskCLIPConfig,
+                 citation="Zhou et al., ECCV 2022", doc="the last block's value path")
+register_encoder("sclip", SCLIPEncoder, display="SCLIP", config_type=SCLIPConfig,
+                 citation="Wang et al., ECCV 2024", doc="correlative self-attention (q-q + k-k)")
+register_encoder("clearclip", ClearCLIPEncoder, display="ClearCLIP", config_type=ClearCLIPConfig,
+                 citation="Lan et al., ECCV 2024",
+                 doc="q-q attention without residual and FFN in the last block")
+register_encoder("naclip", NACLIPEncoder, display="NACLIP", config_type=NACLIPConfig,
+                 citation="Hajimiri et al., WACV 2025",
+                 doc="k-k attention with a Gaussian neighbourhood, reduced last block")

@@ -1,6 +1,6 @@
 """Configuration of the SFP encoder: one frozen dataclass with named presets.
 
-Every number of the method (DESIGN.md §4) is a field of :class:`SFPConfig`; the constructor's
+Every number of the method (docs/design.md, "The SFP method") is a field of :class:`SFPConfig`; the constructor's
 defaults are the **official** preset (the released implementation). Two presets:
 
 - ``SFPConfig.official(**overrides)``: what the release computes (SOM at block L-1 only with
@@ -28,9 +28,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from sfp.core import outliers
+from sfp.core.errors import SFPError
+from sfp.core.registry import Registry, signature_defaults
 
 __all__ = [
     "PRESETS",
@@ -42,8 +46,10 @@ __all__ = [
     "derive_layer",
 ]
 
-#: Preset names a configuration can carry.
-PRESETS = ("official", "paper", "custom")
+#: Every named SFP preset (value: ``builder(**overrides) -> SFPConfig``); filled below.
+PRESETS: Registry[Callable[..., SFPConfig]] = Registry("SFP preset")
+#: The ``preset`` label of a configuration built field by field.
+CUSTOM = "custom"
 #: Depth the paper's / release's layer numbers refer to (ViT-B/16).
 REFERENCE_DEPTH = 12
 #: The release multiplies res_cls by this factor to get SOM's class-token scale (5 x 0.3).
@@ -55,12 +61,50 @@ _HAI_ATTENTION = ("similarity", "sae")
 _LOF_VARIANTS = ("sc-clip", "standard")
 _PAPER_SAE_VALUE = ("proj", "identity")
 _PAPER_SAE_FORM = ("block", "eq7")
+_FLAGS = ("som", "pre_aggregate", "post_aggregate", "sae", "hai", "paper_sae_ln1",
+          "paper_sae_cls")
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "lof_variant": _LOF_VARIANTS,
+    "sae_variant": _SAE_VARIANTS,
+    "paper_sae_value": _PAPER_SAE_VALUE,
+    "paper_sae_form": _PAPER_SAE_FORM,
+    "hai_variant": _HAI_VARIANTS,
+    "hai_attention": _HAI_ATTENTION,
+}
+
+
+def _gt0(v: float) -> bool:
+    return v > 0
+
+
+def _ge0(v: float) -> bool:
+    return v >= 0
+
+
+def _any(v: float) -> bool:
+    return True
+
+
+# field -> (lower test, upper test, wording) for the numeric fields.
+_RANGES: dict[str, tuple[Callable[[float], bool], Callable[[float], bool], str]] = {
+    "cls_scale": (_gt0, _any, "a finite number > 0"),
+    "lof_contamination": (_gt0, lambda v: v <= 0.5, "in (0, 0.5]"),
+    "sim_threshold": (_ge0, lambda v: v <= 1, "a cosine-similarity threshold in [0, 1]"),
+    "sim_temperature": (_gt0, _any, "a finite number > 0"),
+    "res_cls": (_ge0, _any, "a finite number >= 0"),
+    "eps": (_gt0, _any, "a finite number > 0"),
+    "omega": (_gt0, _any, "a finite number > 0"),
+}
 
 # 12-block layer numbers of the official preset.
 _REF_LAYER_12 = 9
 _POST_LAYER_12 = 4
 _HAI_START_12 = 4
 _HAI_STOP_12 = 10
+
+# Defaults the config shares with the detectors (their signatures are the one home).
+_SOM_DEFAULTS = signature_defaults(outliers.som)
+_LOF_DEFAULTS = signature_defaults(outliers.lof)
 
 _LAYER_FIELDS = ("detect_layer", "som_start", "ref_layer", "post_layer", "hai_start", "hai_stop")
 
@@ -76,7 +120,7 @@ _PAPER_VALUES: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(SFPError, ValueError):
     """An SFP configuration value is invalid (or does not fit the model's depth)."""
 
 
@@ -162,20 +206,21 @@ class SFPConfig:
             (eq. 8-11: F_vis = A_HAI F_SAE).
         hai_start, hai_stop: inclusive layer range (None -> official derive(4)..derive(10);
             paper 1..L-1).
-        hai_attention: official HAI's attention: "similarity" = softmax(M) (DESIGN.md §4);
+        hai_attention: official HAI's attention: "similarity" = softmax(M) (docs/design.md, "The SFP method");
             "sae" = the SAE mixture of three softmaxes (an older release version).
         hai_iterations: paper HAI's passes of row-then-column normalisation (eq. 10: 1).
-    preset: "official", "paper" or "custom": the preset the configuration was started from.
+    preset_name: the preset the configuration was started from (a name of :data:`PRESETS`,
+        or "custom").
     """
 
     # --- SOM -----------------------------------------------------------------------------
     som: bool = True
     detector: str = "som"
-    top_k: int | None = 10
+    top_k: int | None = _SOM_DEFAULTS["top_k"]
     cls_scale: float = RELEASE_RES_SCALE * 0.3
-    lof_neighbors: int = 30
-    lof_contamination: float = 0.05
-    lof_variant: str = "sc-clip"
+    lof_neighbors: int = _LOF_DEFAULTS["n_neighbors"]
+    lof_contamination: float = _LOF_DEFAULTS["contamination"]
+    lof_variant: str = _LOF_DEFAULTS["variant"]
     detector_params: Mapping[str, Any] = field(default_factory=dict)
     detect_layer: int | None = None
     som_start: int | None = None
@@ -204,33 +249,27 @@ class SFPConfig:
     hai_attention: str = "similarity"
     hai_iterations: int = 1
     # --- label ---------------------------------------------------------------------------
-    preset: str = "official"
+    preset_name: str = "official"
 
     # ---------------------------------------------------------------------------------------
     # presets
     # ---------------------------------------------------------------------------------------
 
     @classmethod
-    def official(cls, **overrides: Any) -> SFPConfig:
-        """The released implementation's settings, with ``overrides`` applied.
+    def preset(cls, name: str, **overrides: Any) -> SFPConfig:
+        """The preset ``name`` (one of :data:`PRESETS`, e.g. ``"official"``, ``"paper"``) with
+        ``overrides`` applied. The one lookup of presets by name."""
+        return PRESETS.get(name).value(**overrides)
 
-        As in the release, SOM's class-token scale follows res_cls: overriding ``res_cls``
-        alone sets ``cls_scale = 5 * res_cls``; give ``cls_scale`` to decouple them.
-        """
-        values: dict[str, Any] = {"preset": "official"}
-        if "res_cls" in overrides and "cls_scale" not in overrides:
-            res_cls = overrides["res_cls"]
-            if _is_number(res_cls):
-                values["cls_scale"] = RELEASE_RES_SCALE * res_cls
-        values.update(overrides)
-        return cls._build(values)
+    @classmethod
+    def official(cls, **overrides: Any) -> SFPConfig:
+        """``SFPConfig.preset("official", **overrides)``: the released implementation."""
+        return cls.preset("official", **overrides)
 
     @classmethod
     def paper(cls, **overrides: Any) -> SFPConfig:
-        """The paper's equations (4-11), with ``overrides`` applied; see docs/sfp_presets.md."""
-        values: dict[str, Any] = {"preset": "paper", **_PAPER_VALUES}
-        values.update(overrides)
-        return cls._build(values)
+        """``SFPConfig.preset("paper", **overrides)``: the paper's equations (4-11)."""
+        return cls.preset("paper", **overrides)
 
     @classmethod
     def _build(cls, values: dict[str, Any]) -> SFPConfig:
@@ -249,85 +288,69 @@ class SFPConfig:
                 f"{type(self.detector_params).__name__}"
             )
         object.__setattr__(self, "detector_params", dict(self.detector_params))
-        self._validate()
+        if self.preset_name != CUSTOM and self.preset_name not in PRESETS:
+            raise ConfigError(f"preset_name must be one of "
+                              f"{', '.join(map(repr, PRESETS.names()))} or {CUSTOM!r}; got "
+                              f"{self.preset_name!r}")
+        self._validate_fields()
+        self._validate_detector()
+        self._validate_layers()
 
-    def _validate(self) -> None:
-        def fail(msg: str) -> None:
-            raise ConfigError(msg)
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
+    def _validate_fields(self) -> None:
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, allowed in _CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
-                fail(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-        def flag(name: str) -> None:
-            if not isinstance(getattr(self, name), bool):
-                fail(f"{name} must be True or False, got {getattr(self, name)!r}")
-
-        def positive(name: str) -> None:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+                )
+        for name, (low, high, what) in _RANGES.items():
             v = getattr(self, name)
-            if not _is_number(v) or v <= 0:
-                fail(f"{name} must be a finite number > 0, got {v!r}")
-
-        def non_negative(name: str) -> None:
+            if not _is_number(v) or not low(v) or not high(v):
+                raise ConfigError(f"{name} must be {what}, got {v!r}")
+        for name in ("lof_neighbors", "hai_iterations"):
             v = getattr(self, name)
-            if not _is_number(v) or v < 0:
-                fail(f"{name} must be a finite number >= 0, got {v!r}")
+            if not _is_int(v) or v < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
 
-        choice("preset", PRESETS)
-        for name in ("som", "pre_aggregate", "post_aggregate", "sae", "hai", "paper_sae_ln1",
-                     "paper_sae_cls"):
-            flag(name)
+    def _validate_detector(self) -> None:
         if not isinstance(self.detector, str):
-            fail(f"detector must be a detector name (str), got {self.detector!r}")
-        from sfp.core import outliers  # local import: outliers does not import config
-
-        if self.detector not in outliers.available_detectors():
-            close = difflib.get_close_matches(self.detector, outliers.available_detectors(), n=3)
+            raise ConfigError(f"detector must be a detector name (str), got {self.detector!r}")
+        if self.detector not in outliers.DETECTORS:
+            names = outliers.available_detectors()
+            close = difflib.get_close_matches(self.detector, names, n=3)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-            fail(
-                f"unknown detector {self.detector!r}; registered: "
-                f"{', '.join(outliers.available_detectors())}.{hint} Register custom detectors "
-                "with sfp.core.outliers.register_detector before building the config."
+            raise ConfigError(
+                f"unknown detector {self.detector!r}; registered: {', '.join(names)}.{hint} "
+                "Register custom detectors with sfp.core.outliers.register_detector before "
+                "building the config."
             )
         if self.top_k is None:
             if self.detector == "l2":
-                fail("top_k=None (no limit) only works with detector 'som'; 'l2' needs an int")
+                raise ConfigError(
+                    "top_k=None (no limit) only works with detector 'som'; 'l2' needs an int"
+                )
         elif not _is_int(self.top_k) or self.top_k < 1:
-            fail(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
-        positive("cls_scale")
-        if not _is_int(self.lof_neighbors) or self.lof_neighbors < 1:
-            fail(f"lof_neighbors must be an int >= 1, got {self.lof_neighbors!r}")
-        if not _is_number(self.lof_contamination) or not 0 < self.lof_contamination <= 0.5:
-            fail(f"lof_contamination must be in (0, 0.5], got {self.lof_contamination!r}")
-        choice("lof_variant", _LOF_VARIANTS)
+            raise ConfigError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+
+    def _validate_layers(self) -> None:
         for name in _LAYER_FIELDS:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
-                fail(f"{name} must be a layer number >= 1 (1-indexed block output) or None, "
-                     f"got {v!r}")
+                raise ConfigError(f"{name} must be a layer number >= 1 (1-indexed block output) "
+                                  f"or None, got {v!r}")
         if self.hai_start is not None and self.hai_stop is not None:
             if self.hai_start > self.hai_stop:
-                fail(f"HAI layer range is reversed: hai_start={self.hai_start} > "
-                     f"hai_stop={self.hai_stop}")
+                raise ConfigError(f"HAI layer range is reversed: hai_start={self.hai_start} > "
+                                  f"hai_stop={self.hai_stop}")
         if self.som_start is not None and self.detect_layer is not None:
             if self.som_start > self.detect_layer:
-                fail(f"som_start={self.som_start} is after detect_layer={self.detect_layer}; "
-                     "SOM runs on blocks som_start..detect_layer")
-        v = self.sim_threshold
-        if not _is_number(v) or not 0 <= v <= 1:
-            fail(f"sim_threshold must be a cosine-similarity threshold in [0, 1], got {v!r}")
-        positive("sim_temperature")
-        non_negative("res_cls")
-        positive("eps")
-        choice("sae_variant", _SAE_VARIANTS)
-        positive("omega")
-        choice("paper_sae_value", _PAPER_SAE_VALUE)
-        choice("paper_sae_form", _PAPER_SAE_FORM)
-        choice("hai_variant", _HAI_VARIANTS)
-        choice("hai_attention", _HAI_ATTENTION)
-        if not _is_int(self.hai_iterations) or self.hai_iterations < 1:
-            fail(f"hai_iterations must be an int >= 1, got {self.hai_iterations!r}")
+                raise ConfigError(
+                    f"som_start={self.som_start} is after detect_layer={self.detect_layer}; "
+                    "SOM runs on blocks som_start..detect_layer"
+                )
 
     # ---------------------------------------------------------------------------------------
     # detector
@@ -419,20 +442,18 @@ class SFPConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SFPConfig:
         """Build from a (possibly partial) dict of fields; missing fields take the preset's
-        values (``data["preset"]``, default official)."""
+        values (``data["preset_name"]``, default official; ``"preset"`` is read too)."""
         values = dict(data)
-        _check_keys(values)
-        preset = values.pop("preset", "official")
-        if preset == "paper":
-            return cls.paper(**values)
-        if preset == "official":
-            return cls.official(**values)
-        return cls._build({"preset": preset, **values})
+        _check_keys({k: v for k, v in values.items() if k != "preset"})
+        preset = values.pop("preset_name", values.pop("preset", "official"))
+        if preset in PRESETS:
+            return cls.preset(preset, **values)
+        return cls._build({"preset_name": preset, **values})
 
     def _base(self) -> SFPConfig:
-        if self.preset == "paper":
-            return SFPConfig.paper()
-        return SFPConfig(preset=self.preset)
+        if self.preset_name == CUSTOM:
+            return SFPConfig(preset_name=CUSTOM)
+        return SFPConfig.preset(self.preset_name)
 
     def overrides(self) -> dict[str, Any]:
         """Fields that differ from this configuration's preset."""
@@ -440,16 +461,18 @@ class SFPConfig:
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name != "preset" and getattr(self, f.name) != getattr(base, f.name)
+            if f.name != "preset_name" and getattr(self, f.name) != getattr(base, f.name)
         }
 
     def to_code(self) -> str:
         """A constructor call that rebuilds this configuration, listing only the fields that
         differ from its preset, e.g. ``SFPConfig.official(top_k=5)``."""
         args = ", ".join(f"{k}={v!r}" for k, v in self.overrides().items())
-        if self.preset in ("official", "paper"):
-            return f"SFPConfig.{self.preset}({args})"
-        return f"SFPConfig(preset='custom'{', ' if args else ''}{args})"
+        if self.preset_name in ("official", "paper"):
+            return f"SFPConfig.{self.preset_name}({args})"
+        if self.preset_name != CUSTOM:
+            return f"SFPConfig.preset({self.preset_name!r}{', ' if args else ''}{args})"
+        return f"SFPConfig(preset_name='custom'{', ' if args else ''}{args})"
 
     def __repr__(self) -> str:
         return self.to_code()
@@ -465,3 +488,39 @@ def _check_keys(values: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(str(key), names, n=3)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"SFPConfig has no field {key!r}.{hint}")
+
+
+# ------------------------------------------------------------------------------------------
+# Presets
+# ------------------------------------------------------------------------------------------
+
+
+def _official(**overrides: Any) -> SFPConfig:
+    """The released implementation's settings, with ``overrides`` applied.
+
+    As in the release, SOM's class-token scale follows res_cls: overriding ``res_cls``
+    alone sets ``cls_scale = 5 * res_cls``; give ``cls_scale`` to decouple them.
+    """
+    values: dict[str, Any] = {"preset_name": "official"}
+    if "res_cls" in overrides and "cls_scale" not in overrides:
+        res_cls = overrides["res_cls"]
+        if _is_number(res_cls):
+            values["cls_scale"] = RELEASE_RES_SCALE * res_cls
+    values.update(overrides)
+    return SFPConfig._build(values)
+
+
+def _paper(**overrides: Any) -> SFPConfig:
+    """The paper's equations (4-11), with ``overrides`` applied; see docs/sfp_presets.md."""
+    return SFPConfig._build({"preset_name": "paper", **_PAPER_VALUES, **overrides})
+
+
+PRESETS.register(
+    "official", _official, display="SFP (official)",
+    doc="the current SFP release: SOM at block L-1 (1.5 r > s, top 10), SAE as a mean of three "
+        "softmaxes, HAI from summed hidden states",
+)
+PRESETS.register(
+    "paper", _paper, display="SFP (paper)",
+    doc="the paper's equations 4-11: SOM at every block, SAE eq. 6-7, HAI eq. 8-11",
+)

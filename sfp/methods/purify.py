@@ -1,7 +1,7 @@
 """The SFP encoder (Jin et al., ICCV 2025): outlier mitigator, attention enhancer, integrator.
 
 :class:`SFPEncoder` replaces the tail of :mod:`sfp.core.forward`'s forward path. With the official
-preset (:meth:`sfp.methods.config.SFPConfig.official`) it computes, for L blocks (DESIGN.md §4):
+preset (:meth:`sfp.methods.config.SFPConfig.official`) it computes, for L blocks (docs/design.md, "The SFP method"):
 
 1. embed; blocks 1..L-1 unchanged (the positional embedding is interpolated to the exact
    patch grid, rows and columns apart, when the grid differs from the pretraining one);
@@ -48,10 +48,12 @@ import torch
 from torch import Tensor, nn
 
 from sfp.core import forward
-from sfp.core.outliers import MitigationReport, get_detector, mitigate_with_report
-from sfp.methods.baselines import attend, correlative_probs
-from sfp.methods.config import ResolvedConfig, SFPConfig
-from sfp.methods.encoders import Encoder
+from sfp.core.hooks import NO_HOOKS, Hooks, block_hook
+from sfp.core.outliers import Detector, MitigationReport, get_detector, mitigate_with_report
+from sfp.core.probe import Recorder, model_meta
+from sfp.methods.attention import correlative_probs
+from sfp.methods.base import Encoder, FwdHooks, register_encoder
+from sfp.methods.config import PRESETS, ResolvedConfig, SFPConfig
 
 __all__ = [
     "SFPEncoder",
@@ -127,7 +129,7 @@ def _official_attention(
 
 def _attend(block: nn.Module, attn: Tensor, v: Tensor) -> Tensor:
     """out_proj(attn @ v): attn (B, H, N, N) float32, v (B, H, N, d) -> (B, N, C), v's dtype."""
-    return forward.merge_heads(block, attend(attn, v))
+    return forward.merge_heads(block, forward.attend(attn, v))
 
 
 def sae_official(
@@ -138,6 +140,8 @@ def sae_official(
     *,
     res_cls: float = 0.3,
     temperature: float = 3.0,
+    layer: int = 0,
+    hooks: Hooks = NO_HOOKS,
 ) -> Tensor:
     """The release's semantic-aware attention enhancer, in place of block L.
 
@@ -145,11 +149,14 @@ def sae_official(
     class token of h_{L-1} (None: no class-token term). With q, k, v = in_proj(ln_1(x)) per
     head: attn = (softmax(qq^T/sqrt(d)) + softmax(kk^T/sqrt(d)) + softmax(M)) / 3, M =
     :func:`similarity_logits`; returns out_proj(attn v) + res_cls * cls: (B, N, C). No MLP, no
-    residual.
+    residual. Block ``layer``'s attention hook points fire on the N patch tokens (q, k, v,
+    pattern, z, attn_out).
     """
-    q, k, v = forward.qkv(block, block.ln_1(x))
+    q, k, v = forward.attention_inputs(block, x, layer, hooks)
     m = similarity_logits(s_pre, temperature)
-    out = _attend(block, _official_attention(q, k, m, mixture=True), v)
+    attn = forward.pattern_hook(_official_attention(q, k, m, mixture=True), layer, hooks)[0]
+    out = forward.attention_output(block, forward.attend(attn, v), layer, hooks,
+                                   layer_scale=False)
     if cls is not None:
         out = out + res_cls * cls.unsqueeze(1).to(out.dtype)
     return out
@@ -364,220 +371,208 @@ class SFPStages:
         return x.reshape(x.shape[0], *self.grid, *x.shape[2:])
 
 
+class _BlockRun:
+    """What SFP's hooks collect while blocks 1..L-1 run (one forward).
+
+    At every SOM layer the detector runs on the block's attention (observed at
+    ``attn.hook_pattern``) or output, and the block's output patch tokens are replaced by
+    their mitigated values at ``hook_resid_post``; after that the layers SFP reads later
+    (reference / post similarity, HAI) are kept.
+    """
+
+    def __init__(self, cfg: SFPConfig, r: ResolvedConfig, detector: Detector,
+                 detector_kwargs: dict[str, Any], grid: forward.Grid) -> None:
+        self.cfg, self.r, self.grid = cfg, r, grid
+        self.n = grid[0] * grid[1]
+        self.detector, self.kwargs = detector, detector_kwargs
+        self.official_hai = cfg.hai and cfg.hai_variant == "official"
+        self.paper_hai = cfg.hai and cfg.hai_variant == "paper"
+        self.need_s_pre = cfg.pre_aggregate or (cfg.sae and cfg.sae_variant == "official") or \
+            self.official_hai
+        self.keep = ({r.ref_layer} if self.need_s_pre else set()) | (
+            {r.post_layer} if cfg.post_aggregate else set())
+        self.patterns: dict[int, Tensor] = {}
+        self.hidden: dict[int, Tensor] = {}
+        self.masks: dict[int, Tensor] = {}
+        self.scores: dict[int, Tensor] = {}
+        self.reports: dict[int, MitigationReport] = {}
+        self.hai_attention: list[Tensor] = []
+        self.hai_masks: list[Tensor | None] = []
+        self.p_sum: Tensor | None = None
+        self.x_raw: Tensor | None = None
+
+    def hooks(self) -> Hooks:
+        """The hooks that implement SOM and collect the later stages' inputs."""
+        som = set(self.r.som_layers)
+        pattern_layers = (som if self.detector.needs == "attention" else set()) | (
+            set(self.r.hai_layers) if self.paper_hai else set())
+        pairs = [(block_hook(l, "attn.hook_pattern"), self._observe_pattern)
+                 for l in sorted(pattern_layers)]
+        pairs += [(block_hook(l, "hook_resid_post"), self._mitigate) for l in sorted(som)]
+        collect = self.keep | (set(self.r.hai_layers) if self.cfg.hai else set())
+        pairs += [(block_hook(l, "hook_resid_post"), self._collect) for l in sorted(collect)]
+        return Hooks(pairs)
+
+    def _observe_pattern(self, probs: Tensor, name: str) -> None:
+        self.patterns[int(name.split(".")[1])] = probs
+
+    def _mitigate(self, h: Tensor, name: str) -> Tensor:
+        layer = int(name.split(".")[1])
+        patches = h[:, 1 : 1 + self.n]
+        source = self.patterns[layer] if self.detector.needs == "attention" else h
+        if not (self.paper_hai and layer in self.r.hai_layers):
+            self.patterns.pop(layer, None)
+        result = self.detector(source, **self.kwargs)
+        self.masks[layer], self.scores[layer] = result.mask, result.scores
+        if layer == self.r.last_layer:
+            self.x_raw = patches
+        mitigated, self.reports[layer] = mitigate_with_report(patches, self.grid, result.mask)
+        return torch.cat([h[:, :1], mitigated, h[:, 1 + self.n :]], dim=1)
+
+    def _collect(self, h: Tensor, name: str) -> None:
+        layer = int(name.split(".")[1])
+        h = h[:, : 1 + self.n]
+        if layer in self.keep:
+            self.hidden[layer] = h
+        if self.official_hai and layer in self.r.hai_layers:
+            self.p_sum = h if self.p_sum is None else self.p_sum + h
+        if self.paper_hai and layer in self.r.hai_layers:
+            self.hai_attention.append(self.patterns.pop(layer).float().mean(dim=1))
+            self.hai_masks.append(self.masks.get(layer))
+
+
 class SFPEncoder(Encoder):
     """SFP dense encoder: ``images (B, 3, H, W) -> patch features (B, N, D)``.
 
     Args:
         bundle: a :class:`sfp.models.loading.ModelBundle` (any open_clip ViT depth).
-        config: an :class:`SFPConfig` (None: ``SFPConfig.official()``). Its layers are
-            resolved for the bundle's depth at construction (ConfigError if they do not fit).
+        config: an :class:`SFPConfig` or a preset name (None: ``SFPConfig.official()``). Its
+            layers are resolved for the bundle's depth at construction (ConfigError if they
+            do not fit).
     """
 
     name = "sfp"
 
-    def __init__(self, bundle: Any, config: SFPConfig | None = None) -> None:
+    def __init__(self, bundle: Any, config: SFPConfig | str | None = None) -> None:
         super().__init__(bundle)
         config = SFPConfig.official() if config is None else config
+        if isinstance(config, str):
+            config = SFPConfig.preset(config)
         if not isinstance(config, SFPConfig):
-            raise TypeError(f"config must be an SFPConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be an SFPConfig or a preset name "
+                            f"({', '.join(PRESETS.names())}), got {type(config).__name__}")
         self._config = config
-        self._visual = forward.visual_of(bundle)
-        self.resolved = config.resolve(len(forward.blocks_of(self._visual)))
+        self.resolved = config.resolve(self.num_layers)
         self._detector = get_detector(config.detector)
         self._detector_kwargs = config.detector_kwargs()
 
-    @property
-    def visual(self) -> nn.Module:
-        return self._visual
-
-    def encode_patches(self, images: Tensor) -> Tensor:
+    def encode_patches(self, images: Tensor, fwd_hooks: FwdHooks = None) -> Tensor:
         """Patch features after ln_post and proj, not normalised: (B, 3, H, W) -> (B, N, D)."""
-        return self._forward(images, trace=False).features
+        return self._forward(images, trace=False, fwd_hooks=fwd_hooks).features
 
     @torch.no_grad()
-    def stages(self, images: Tensor, trace: bool = False) -> SFPStages:
+    def stages(self, images: Tensor, trace: bool = False, fwd_hooks: FwdHooks = None
+               ) -> SFPStages:
         """Run SFP once and return every intermediate result (:class:`SFPStages`).
 
         images: (B, 3, H, W) normalised. trace=True also records every block's raw output and
         attention in a :class:`sfp.core.probe.Trace` (memory: ~L x B x H x T^2 floats).
+        fwd_hooks: interventions, run before SFP's own hooks at a shared hook point.
         """
-        return self._forward(images, trace=trace)
+        return self._forward(images, trace=trace, fwd_hooks=fwd_hooks)
 
     # ------------------------------------------------------------------------------------
-    def _forward(self, images: Tensor, trace: bool) -> SFPStages:
+    def _forward(self, images: Tensor, trace: bool, fwd_hooks: FwdHooks) -> SFPStages:
         cfg, r = self._config, self.resolved
-        visual = self._visual
-        blocks = forward.blocks_of(visual)
-        last = r.last_layer
-        det = self._detector
-        som_layers = set(r.som_layers)
-
-        x, grid = forward.embed(visual, images)
-        b = x.shape[0]
-
-        official_sae = cfg.sae and cfg.sae_variant == "official"
-        official_hai = cfg.hai and cfg.hai_variant == "official"
-        paper_hai = cfg.hai and cfg.hai_variant == "paper"
-        need_s_pre = cfg.pre_aggregate or official_sae or official_hai
-        keep: set[int] = set()
-        if need_s_pre:
-            keep.add(r.ref_layer)
-        if cfg.post_aggregate:
-            keep.add(r.post_layer)
-        attn_layers: set[int] = set()
-        if det.needs == "attention":
-            attn_layers |= som_layers
-        if paper_hai:
-            attn_layers |= set(r.hai_layers)
-
+        hooks = self.hooks(fwd_hooks)
+        x, grid = forward.embed(self.visual, images, hooks)
         recorder = None
         if trace:
-            from sfp.core.probe import Recorder
-
-            run = range(1, r.num_layers + 1) if not cfg.sae else range(1, last + 1)
-            recorder = Recorder(run)
-            attn_layers |= set(run)
-
-        hidden: dict[int, Tensor] = {}
-        masks: dict[int, Tensor] = {}
-        scores: dict[int, Tensor] = {}
-        reports: dict[int, MitigationReport] = {}
-        p_sum: Tensor | None = None
-        a_sum: Tensor | None = None
-        x_raw: Tensor | None = None
-
-        for layer in range(1, last + 1):
-            out = forward.block_forward(blocks[layer - 1], x, need_attention=layer in attn_layers)
-            if recorder is not None:
-                recorder(layer, out)
-            h = out.hidden
-            if layer in som_layers:
-                source = out.attention if det.needs == "attention" else h
-                result = det(source, **self._detector_kwargs)
-                masks[layer], scores[layer] = result.mask, result.scores
-                if layer == last:
-                    x_raw = h[:, 1:]
-                patches, reports[layer] = mitigate_with_report(h[:, 1:], grid, result.mask)
-                h = torch.cat([h[:, :1], patches], dim=1)
-            if layer in keep:
-                hidden[layer] = h
-            if official_hai and layer in r.hai_layers:
-                p_sum = h if p_sum is None else p_sum + h
-            if paper_hai and layer in r.hai_layers:
-                assert out.attention is not None
-                term = hai_layer_term(out.attention, masks.get(layer))
-                a_sum = term if a_sum is None else a_sum + term
-            x = h
-
-        cls, xs = x[:, 0], x[:, 1:]
-        if x_raw is None:
-            x_raw = xs
-        mask = masks.get(r.detect_layer)
-        if mask is None:
-            mask = torch.zeros(b, grid[0] * grid[1], dtype=torch.bool, device=x.device)
-
-        # Step 4: reference similarity (h_ref mitigated at the final outlier positions).
-        s_pre = None
-        ref_report = None
-        if need_s_pre:
-            ref = hidden[r.ref_layer][:, 1:]
-            if cfg.som:
-                ref, ref_report = mitigate_with_report(ref, grid, mask)
-            s_pre = similarity_matrix(ref, cfg.sim_threshold)
-        x_som = xs
-        x_pre = rownorm_apply(s_pre, xs, cfg.eps) if cfg.pre_aggregate and s_pre is not None else xs
-
-        # Step 5: SAE in place of block L.
-        block_l = blocks[r.num_layers - 1]
-        if not cfg.sae:
-            std = forward.block_forward(
-                block_l, torch.cat([x[:, :1], x_pre], dim=1), need_attention=recorder is not None
-            )
-            if recorder is not None:
-                recorder(r.num_layers, std)
-            x_sae = std.hidden[:, 1:]
-        elif cfg.sae_variant == "official":
-            assert s_pre is not None
-            x_sae = sae_official(
-                block_l, x_pre, s_pre, cls, res_cls=cfg.res_cls, temperature=cfg.sim_temperature
-            )
-        else:
-            x_sae = sae_paper(
-                block_l,
-                x_pre,
-                cls if cfg.paper_sae_cls else None,
-                omega=cfg.omega,
-                ln1=cfg.paper_sae_ln1,
-                value=cfg.paper_sae_value,
-                form=cfg.paper_sae_form,
-            )
-
-        # Step 6: post similarity.
-        s_post = None
-        x_post = x_sae
-        if cfg.post_aggregate:
-            s_post = similarity_matrix(hidden[r.post_layer][:, 1:], cfg.sim_threshold)
-            x_post = rownorm_apply(s_post, x_sae, cfg.eps)
-
-        # Step 7: HAI.
-        z = None
-        hai_matrix = None
-        x_final = x_post
-        if official_hai:
-            assert p_sum is not None and s_pre is not None
-            z = hai_official(
-                block_l,
-                p_sum,
-                s_pre,
-                s_post,
-                res_cls=cfg.res_cls,
-                temperature=cfg.sim_temperature,
-                attention=cfg.hai_attention,
-                eps=cfg.eps,
-            )
-            x_final = x_post + z
-        elif paper_hai:
-            assert a_sum is not None
-            hai_matrix = normalize_rows_cols(a_sum, cfg.hai_iterations, cfg.eps)
-            x_final = (hai_matrix @ x_post.float()).to(x_post.dtype)
-
-        features = forward.project_patches(visual, x_final)
-        tr = None
-        if recorder is not None:
-            tr = recorder.to_trace(
-                grid,
-                len(blocks),
-                model=getattr(self.bundle, "name", type(visual).__name__),
-                pretrained=getattr(self.bundle, "pretrained", "unknown"),
-                image_size=[int(images.shape[2]), int(images.shape[3])],
-                recorded_by="SFPEncoder.stages",
-                sfp_config=cfg.to_code(),
-            )
-        return SFPStages(
-            config=r,
-            grid=grid,
-            mask=mask,
-            masks=masks,
-            scores=scores,
-            reports=reports,
-            reference_report=ref_report,
-            cls=cls,
-            x_raw=x_raw,
-            x_som=x_som,
-            x_pre=x_pre,
-            x_sae=x_sae,
-            x_post=x_post,
-            z=z,
-            hai_matrix=hai_matrix,
-            x_final=x_final,
-            features=features,
-            s_pre=s_pre,
-            s_post=s_post,
-            trace=tr,
+            recorder = Recorder(range(1, r.num_layers + (0 if cfg.sae else 1)))
+            hooks = hooks + recorder.hooks(self.visual)
+        run = _BlockRun(cfg, r, self._detector, self._detector_kwargs, grid)
+        x = forward.run_blocks(self.visual, x, 1, r.last_layer, hooks + run.hooks())
+        st = self._tail(x[:, : 1 + run.n], run, hooks)
+        st.trace = None if recorder is None else recorder.to_trace(
+            grid, r.num_layers, **model_meta(self.bundle, images), recorded_by="SFPEncoder.stages",
+            sfp_config=cfg.to_code(),
         )
+        return st
+
+    def _tail(self, x: Tensor, run: _BlockRun, hooks: Hooks) -> SFPStages:
+        """Steps 4-8 on h_{L-1} (B, 1 + N, C) (mitigated) and what the blocks left in ``run``."""
+        cfg, r, grid = self._config, self.resolved, run.grid
+        cls, xs = x[:, 0], x[:, 1:]
+        mask = run.masks.get(r.detect_layer)
+        if mask is None:
+            mask = torch.zeros(x.shape[0], run.n, dtype=torch.bool, device=x.device)
+        s_pre, ref_report = self._reference(run, mask)
+        x_pre = rownorm_apply(s_pre, xs, cfg.eps) if cfg.pre_aggregate and s_pre is not None \
+            else xs
+        x_sae = self._sae(cls, x_pre, s_pre, hooks)
+        s_post = x_post = None
+        if cfg.post_aggregate:
+            s_post = similarity_matrix(run.hidden[r.post_layer][:, 1:], cfg.sim_threshold)
+            x_post = rownorm_apply(s_post, x_sae, cfg.eps)
+        x_post = x_sae if x_post is None else x_post
+        z, hai_matrix, x_final = self._hai(run, x_post, s_pre, s_post)
+        return SFPStages(
+            config=r, grid=grid, mask=mask, masks=run.masks, scores=run.scores,
+            reports=run.reports, reference_report=ref_report, cls=cls,
+            x_raw=xs if run.x_raw is None else run.x_raw, x_som=xs, x_pre=x_pre, x_sae=x_sae,
+            x_post=x_post, z=z, hai_matrix=hai_matrix, x_final=x_final,
+            features=forward.project_patches(self.visual, x_final), s_pre=s_pre, s_post=s_post,
+        )
+
+    def _reference(self, run: _BlockRun, mask: Tensor
+                   ) -> tuple[Tensor | None, MitigationReport | None]:
+        """Step 4: S_pre from h_ref, mitigated at the final outlier positions."""
+        if not run.need_s_pre:
+            return None, None
+        ref, report = run.hidden[self.resolved.ref_layer][:, 1:], None
+        if self._config.som:
+            ref, report = mitigate_with_report(ref, run.grid, mask)
+        return similarity_matrix(ref, self._config.sim_threshold), report
+
+    def _sae(self, cls: Tensor, x_pre: Tensor, s_pre: Tensor | None, hooks: Hooks) -> Tensor:
+        """Step 5, in place of block L: SAE (official / paper), or the standard block."""
+        cfg, last = self._config, self.resolved.num_layers
+        block = forward.blocks_of(self.visual)[last - 1]
+        if not cfg.sae:
+            tokens = torch.cat([cls.unsqueeze(1), x_pre], dim=1)
+            return forward.block_forward(block, tokens, last, hooks)[:, 1:]
+        if cfg.sae_variant == "official":
+            assert s_pre is not None
+            return sae_official(block, x_pre, s_pre, cls, res_cls=cfg.res_cls,
+                                temperature=cfg.sim_temperature, layer=last, hooks=hooks)
+        return sae_paper(block, x_pre, cls if cfg.paper_sae_cls else None, omega=cfg.omega,
+                         ln1=cfg.paper_sae_ln1, value=cfg.paper_sae_value,
+                         form=cfg.paper_sae_form)
+
+    def _hai(self, run: _BlockRun, x_post: Tensor, s_pre: Tensor | None,
+             s_post: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """Step 7: (Z, A_HAI, final tokens X) of the official or the paper HAI (or neither)."""
+        cfg = self._config
+        if run.official_hai:
+            assert run.p_sum is not None and s_pre is not None
+            block = forward.blocks_of(self.visual)[self.resolved.num_layers - 1]
+            z = hai_official(block, run.p_sum, s_pre, s_post, res_cls=cfg.res_cls,
+                             temperature=cfg.sim_temperature, attention=cfg.hai_attention,
+                             eps=cfg.eps)
+            return z, None, x_post + z
+        if run.paper_hai:
+            x_final, a = hai_paper(run.hai_attention, x_post, run.hai_masks,
+                                   iterations=cfg.hai_iterations, eps=cfg.eps)
+            return None, a, x_final
+        return None, None, x_post
 
     def __repr__(self) -> str:
         return (
             f"SFPEncoder(model={getattr(self.bundle, 'label', '?')!r}, "
             f"config={self._config!r})"
         )
+
+
+register_encoder("sfp", SFPEncoder, display="SFP", config_type=SFPConfig,
+                 citation="Jin et al., ICCV 2025",
+                 doc="outlier mitigation (SOM), attention enhancer (SAE), integrator (HAI)")

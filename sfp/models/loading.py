@@ -26,6 +26,8 @@ import open_clip
 import torch
 from torch import nn
 
+from sfp.core.errors import SFPError
+
 log = logging.getLogger(__name__)
 
 #: Environment variable naming a local weights file; the CLI, demo and notebooks use it.
@@ -40,12 +42,24 @@ _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(SFPError, RuntimeError):
     """Pretrained weights could not be found locally nor downloaded."""
 
+    exit_code = 3
 
-class ModelLoadError(ValueError):
+
+class ModelLoadError(SFPError, ValueError):
     """The model name, weights file or architecture is not usable."""
+
+
+#: Where a bundle's weights came from (``ModelBundle.provenance``), and the caveat every
+#: figure, widget and written image of such a model must carry (None: no caveat).
+PROVENANCES: dict[str, str | None] = {
+    "pretrained": None,  # an open_clip pretrained tag
+    "file": None,  # a local weights file
+    "random": "random weights (results mean nothing)",
+    "synthetic": "synthetic (planted outliers)",
+}
 
 
 @dataclass
@@ -53,7 +67,8 @@ class ModelBundle:
     """A loaded CLIP model with the facts the rest of the toolkit needs.
 
     ``pretrained`` is the weights' description: a tag, a file path, ``"random"``, or
-    ``"synthetic (planted outliers)"`` for :mod:`sfp.models.synthetic` models.
+    ``"synthetic (planted outliers)"`` for :mod:`sfp.models.synthetic` models; ``provenance``
+    says which kind of source that is (a key of :data:`PROVENANCES`).
     """
 
     model: nn.Module
@@ -71,6 +86,12 @@ class ModelBundle:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     quick_gelu: bool = False
+    provenance: str = "pretrained"
+
+    def __post_init__(self) -> None:
+        if self.provenance not in PROVENANCES:
+            raise ModelLoadError(f"provenance must be one of {sorted(PROVENANCES)}, got "
+                                 f"{self.provenance!r}.")
 
     @property
     def visual(self) -> nn.Module:
@@ -83,11 +104,16 @@ class ModelBundle:
 
     @property
     def is_random(self) -> bool:
-        return self.pretrained == "random"
+        return self.provenance == "random"
 
     @property
     def is_synthetic(self) -> bool:
-        return self.pretrained.startswith("synthetic")
+        return self.provenance == "synthetic"
+
+    @property
+    def caveat(self) -> str | None:
+        """What every output of this model must say about it (None for real weights)."""
+        return PROVENANCES[self.provenance]
 
     @property
     def label(self) -> str:
@@ -299,12 +325,12 @@ def load_model(
     state_dict: dict[str, torch.Tensor] | None = None
     mean, std = OPENAI_MEAN, OPENAI_STD
     if pretrained is None:
-        label = "random"
+        label, provenance = "random", "random"
         qg = bool(quick_gelu) or cfg_quick_gelu
         log.warning("%s: weights are RANDOM (pretrained=None); results mean nothing.", name)
     elif os.path.isfile(os.fspath(pretrained)):
         path = Path(os.fspath(pretrained))
-        label = str(path)
+        label, provenance = str(path), "file"
         state_dict, is_jit = _read_weights_file(path)
         if quick_gelu is not None:
             qg = quick_gelu or cfg_quick_gelu
@@ -330,7 +356,7 @@ def load_model(
             raise ModelLoadError(
                 f"{tag!r} is neither a file nor a pretrained tag of {name}; tags: {tags}."
             )
-        label = tag
+        label, provenance = tag, "pretrained"
         qg = cfg_quick_gelu or (
             bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
         )
@@ -351,7 +377,7 @@ def load_model(
     model = model.to(device=dev, dtype=_PRECISIONS[precision]).eval()
     return bundle_from_model(
         model, name=name, pretrained=label, preprocess=preprocess, quick_gelu=qg,
-        mean=mean, std=std,
+        mean=mean, std=std, provenance=provenance,
     )
 
 
@@ -364,8 +390,15 @@ def bundle_from_model(
     quick_gelu: bool = False,
     mean: tuple[float, ...] = OPENAI_MEAN,
     std: tuple[float, ...] = OPENAI_STD,
+    provenance: str | None = None,
 ) -> ModelBundle:
-    """Wrap an already-built open_clip CLIP model (ViT visual tower) in a bundle."""
+    """Wrap an already-built open_clip CLIP model (ViT visual tower) in a bundle.
+
+    provenance: a key of :data:`PROVENANCES`; None: ``"random"`` when ``pretrained`` is
+    ``"random"``, else ``"pretrained"``.
+    """
+    if provenance is None:
+        provenance = "random" if pretrained == "random" else "pretrained"
     visual = getattr(model, "visual", None)
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
     if visual is None or blocks is None or not hasattr(visual, "conv1"):
@@ -406,6 +439,7 @@ def bundle_from_model(
         mean=tuple(mean),  # type: ignore[arg-type]
         std=tuple(std),  # type: ignore[arg-type]
         quick_gelu=quick_gelu,
+        provenance=provenance,
     )
 
 

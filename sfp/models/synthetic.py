@@ -86,7 +86,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfp.core import forward
-from sfp.models.loading import ModelBundle, bundle_from_model
+from sfp.core.hooks import block_hook, parse_hook_name
+from sfp.models.loading import PROVENANCES, ModelBundle, bundle_from_model
 
 __all__ = [
     "SYNTHETIC_LABEL",
@@ -97,8 +98,8 @@ __all__ = [
     "synthetic_scene",
 ]
 
-#: The ``pretrained`` field of every synthetic bundle (``bundle.is_synthetic`` checks it).
-SYNTHETIC_LABEL = "synthetic (planted outliers)"
+#: The ``pretrained`` field (and the caveat) of every synthetic bundle.
+SYNTHETIC_LABEL: str = PROVENANCES["synthetic"]  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -527,17 +528,18 @@ def _calibrate(
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
     scene = synthetic_scene(seed, img_size[0] * p, img_size[1] * p)
-    x, _ = forward.embed(visual, ((scene - mean) / std)[None].to(visual.conv1.weight))
     medians: dict[int, float] = {}
     cls_marker: dict[int, float] = {}
 
-    def tap(layer: int, out: forward.BlockOutput) -> None:
-        medians[layer] = float(out.hidden[0, 1:].norm(dim=-1).median())
+    def look(h: torch.Tensor, name: str) -> None:
+        layer = parse_hook_name(name)[0]
+        medians[layer] = float(h[0, 1:].norm(dim=-1).median())
         if layer + 1 in plan.u:
-            y = blocks[layer].ln_1(out.hidden[0, 0])
+            y = blocks[layer].ln_1(h[0, 0])
             cls_marker[layer + 1] = float(y[ch.cls] - y[ch.zero])
 
-    forward.run_blocks(visual, x, tap=tap)
+    hooks = [(block_hook(layer, "hook_resid_post"), look) for layer in range(1, len(blocks) + 1)]
+    forward.run(visual, ((scene - mean) / std)[None].to(visual.conv1.weight), hooks)
     ref = max(medians[layer] for layer in range(plan.onset, len(blocks) + 1))
     massive_norm = float(strength * ref)
     reg_block = blocks[plan.onset - 1]
@@ -622,7 +624,8 @@ def planted_model(
         torch.manual_seed(int(seed))
         model = open_clip.create_model(name, pretrained=None).eval()
     quick_gelu = bool(cfg_dict.get("quick_gelu", False))
-    bundle_from_model(model, name=name, pretrained=SYNTHETIC_LABEL)  # checks the architecture
+    bundle_from_model(model, name=name, pretrained=SYNTHETIC_LABEL,
+                      provenance="synthetic")  # checks the architecture
     num_layers = len(forward.blocks_of(model.visual))
     g0 = forward.base_grid(model.visual)
     n = max(1, round(cfg.outlier_fraction * g0[0] * g0[1])) if n_outliers is None else n_outliers
@@ -630,7 +633,8 @@ def planted_model(
     plan = _plant(model, seed, onset, n, cfg)
     massive_norm = _calibrate(model, plan, cfg, strength, seed)
     model = model.to(device)
-    bundle = bundle_from_model(model, name=name, pretrained=SYNTHETIC_LABEL, quick_gelu=quick_gelu)
+    bundle = bundle_from_model(model, name=name, pretrained=SYNTHETIC_LABEL, quick_gelu=quick_gelu,
+                               provenance="synthetic")
     p = bundle.patch_size
     s = _subgrid(p, cfg.subgrid)
     description = (

@@ -8,11 +8,9 @@ prompt template, each embedding L2-normalised, averaged, and normalised again.
 
 from __future__ import annotations
 
-import difflib
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import open_clip
@@ -20,25 +18,48 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
+from sfp.core.errors import SFPError
+from sfp.core.registry import Registry
+
 Template = Callable[[str], str]
 ClassSpec = str | Path | Sequence[str | Sequence[str]]
 
 #: The 80 prompt templates OpenAI used for ImageNet zero-shot, as open_clip ships them.
 OPENAI_TEMPLATES: tuple[Template, ...] = tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
 
-_BENCHMARK_FILES = (
-    "voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff164k",
-    "cityscapes", "ade20k",
-)
+#: Named prompt-template sets (value: a tuple of templates).
+TEMPLATES: Registry[tuple[Template | str, ...]] = Registry("template set")
+TEMPLATES.register("openai80", OPENAI_TEMPLATES, display="80 OpenAI ImageNet templates",
+                   doc="the 80 templates OpenAI used for ImageNet zero-shot (the papers' choice)")
+TEMPLATES.register("simple", ("a photo of a {}.",), display="'a photo of a {}.'",
+                   doc="one template, 'a photo of a {}.': fast, for quick looks and tests")
+
+TemplateSpec = str | Sequence[Template | str] | None
+"""A template set name, a list of format strings with ``{}`` / callables, or None (openai80)."""
 
 
-class ClassListError(ValueError):
+def resolve_templates(templates: TemplateSpec) -> tuple[Template | str, ...]:
+    """The templates a :data:`TemplateSpec` names (None: the 80 OpenAI templates)."""
+    if templates is None:
+        return OPENAI_TEMPLATES
+    if isinstance(templates, str):
+        return TEMPLATES.get(templates).value
+    out = tuple(templates)
+    if not out:
+        raise ClassListError("templates is empty; pass None for the 80 OpenAI templates.")
+    return out
+
+
+def templates_key(templates: TemplateSpec) -> str | list[str]:
+    """JSON-friendly description of a template choice: its set name, or the template texts."""
+    if templates is None:
+        return "openai80"
+    if isinstance(templates, str):
+        return TEMPLATES.get(templates).name
+    return [t("{}") if callable(t) else str(t) for t in templates]
+
+class ClassListError(SFPError, ValueError):
     """A class list is empty, has empty names, or repeats a name."""
-
-
-def benchmark_names() -> tuple[str, ...]:
-    """Names of the shipped benchmark class lists."""
-    return _BENCHMARK_FILES
 
 
 def _split_names(line: str, where: str) -> list[str]:
@@ -62,23 +83,6 @@ def read_class_file(path: str | Path, allow_duplicates: bool = False) -> list[li
         _split_names(line, f"{path}:{i}") for i, line in enumerate(lines, 1) if line.strip()
     ]
     return validate_classes(classes, where=str(path), allow_duplicates=allow_duplicates)
-
-
-def benchmark_classes(name: str) -> list[list[str]]:
-    """The class list of a benchmark (``"voc21"``, ``"ade20k"``, ...), exactly as released.
-
-    Released lists may repeat a name across classes (coco_object: "bed"); it is kept, so
-    the query set matches the released protocol.
-    """
-    key = name.lower().replace("-", "_")
-    if key not in _BENCHMARK_FILES:
-        close = difflib.get_close_matches(key, _BENCHMARK_FILES, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ClassListError(
-            f"Unknown benchmark {name!r}.{hint} Known: {', '.join(_BENCHMARK_FILES)}."
-        )
-    with resources.as_file(resources.files("sfp") / "data" / f"{key}.txt") as p:
-        return read_class_file(p, allow_duplicates=True)
 
 
 def validate_classes(
@@ -107,17 +111,16 @@ def validate_classes(
     return out
 
 
-def parse_classes(classes: ClassSpec) -> list[list[str]]:
+def parse_classes(classes: ClassSpec, allow_duplicates: bool = False) -> list[list[str]]:
     """Normalise any accepted class specification to a list of synonym lists.
 
-    Accepts: a benchmark name (``"voc21"``), a class-file path, a ``"cat; dog; grass"``
-    string, a list of names (each may hold ", "-separated synonyms) or a list of lists.
+    Accepts: a class-file path, a ``"cat; dog; grass"`` string, a list of names (each may
+    hold ", "-separated synonyms) or a list of lists. (Benchmark names such as ``"voc21"``
+    are resolved one layer up, by :func:`sfp.seg.benchmarks.class_list`.)
     """
     if isinstance(classes, Path) or (isinstance(classes, str) and Path(classes).is_file()):
         return read_class_file(classes)
     if isinstance(classes, str):
-        if classes.lower().replace("-", "_") in _BENCHMARK_FILES:
-            return benchmark_classes(classes)
         items = [c for c in classes.split(";") if c.strip()]
         return validate_classes([_split_names(c, "classes") for c in items])
     if not isinstance(classes, Sequence):
@@ -133,7 +136,7 @@ def parse_classes(classes: ClassSpec) -> list[list[str]]:
             out.append(list(item))
         else:
             raise ClassListError(f"each class must be a name or a list of names, got {item!r}.")
-    return validate_classes(out)
+    return validate_classes(out, allow_duplicates=allow_duplicates)
 
 
 @dataclass(frozen=True)
@@ -186,16 +189,14 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def embed_names(
     bundle,
     names: Sequence[str],
-    templates: Sequence[Template] | None = None,
+    templates: TemplateSpec = None,
     batch_size: int = 512,
 ) -> torch.Tensor:
     """Template-averaged embedding per name: (len(names), D), float32, L2-normalised.
 
     Results are cached per model and template set, so repeated calls are free.
     """
-    templates = OPENAI_TEMPLATES if templates is None else tuple(templates)
-    if len(templates) == 0:
-        raise ClassListError("templates is empty; pass None for the 80 OpenAI templates.")
+    templates = resolve_templates(templates)
     tkey = tuple(t("{}") if callable(t) else str(t) for t in templates)
     fmt = [t if callable(t) else (lambda c, s=str(t): s.format(c)) for t in templates]
     cache = _CACHE.setdefault(bundle.model, {})
@@ -217,17 +218,19 @@ def embed_names(
 def embed_queries(
     bundle,
     classes: ClassSpec,
-    templates: Sequence[Template] | None = None,
+    templates: TemplateSpec = None,
+    *,
+    allow_duplicates: bool = False,
 ) -> Queries:
     """Embed every name of every class.
 
     Args:
         bundle: a :class:`sfp.models.loading.ModelBundle`.
         classes: see :func:`parse_classes`.
-        templates: callables ``name -> prompt`` or format strings with ``{}``; None = the 80
-            OpenAI ImageNet templates.
+        templates: a template set name (:data:`TEMPLATES`), callables ``name -> prompt`` or
+            format strings with ``{}``; None = the 80 OpenAI ImageNet templates.
     """
-    parsed = parse_classes(classes)
+    parsed = parse_classes(classes, allow_duplicates)
     names = [n for syns in parsed for n in syns]
     q2c = torch.tensor([ci for ci, syns in enumerate(parsed) for _ in syns], dtype=torch.long)
     emb = embed_names(bundle, names, templates)

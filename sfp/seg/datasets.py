@@ -21,248 +21,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sfp.core.errors import SFPError
+from sfp.seg.benchmarks import DatasetSpec, get_benchmark
+
 __all__ = [
-    "BENCHMARKS",
-    "DATASETS",
+    "IGNORE_INDEX",
     "DatasetLayoutError",
-    "DatasetSpec",
     "Sample",
     "SegDataset",
     "apply_reduce_zero_label",
-    "class_file",
-    "class_names",
-    "get_spec",
     "load_dataset",
     "prepare_coco_object",
 ]
 
 IGNORE_INDEX = 255
 
-BENCHMARKS: tuple[str, ...] = (
-    "voc21",
-    "voc20",
-    "context60",
-    "context59",
-    "coco_object",
-    "coco_stuff164k",
-    "cityscapes",
-    "ade20k",
-)
 
-_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-
-
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(SFPError, FileNotFoundError):
     """A benchmark root is missing or not laid out as expected (message shows the tree)."""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Where one benchmark's files live, relative to its root.
-
-    Paths may contain ``{split}``, replaced by the split name (or its ``split_alias``). A sample
-    ``id`` maps to ``root/img_dir/{id}{img_suffix}`` and ``root/ann_dir/{id}{seg_map_suffix}``;
-    ids come from ``split_file`` (one per line) or, when it is None, from scanning ``img_dir``
-    (recursively when ``recursive``; an id then includes its sub-folder, e.g. ``city/name``).
-    """
-
-    name: str
-    num_classes: int
-    img_dir: str
-    ann_dir: str
-    img_suffix: str
-    seg_map_suffix: str
-    split_file: str | None
-    reduce_zero_label: bool
-    root_display: str
-    """Conventional root path, shown in error messages (e.g. ``VOCdevkit/VOC2012``)."""
-    root_subdirs: tuple[str, ...] = ()
-    """Sub-folders of a given root also tried as the real root (e.g. ``VOC2012``)."""
-    recursive: bool = False
-    split_alias: tuple[tuple[str, str], ...] = ()
-    """``(split, folder name)`` pairs, e.g. ADE20K's ``("val", "validation")``."""
-    id_pattern: str = "{id}"
-    """How an id looks, for messages (cityscapes: ``{city}/{id}``)."""
-    label_note: str = ""
-    hint: str = ""
-    """How to produce this layout (shown in error messages)."""
-    has_background: bool = False
-    """Label 0 is a background class (voc21, context60, coco_object)."""
-
-    def resolve(self, split: str) -> tuple[str, str, str | None]:
-        """``(img_dir, ann_dir, split_file)`` for ``split``, relative to the root."""
-        s = dict(self.split_alias).get(split, split)
-        split_file = self.split_file.format(split=s) if self.split_file is not None else None
-        return self.img_dir.format(split=s), self.ann_dir.format(split=s), split_file
-
-    def expected_tree(self, split: str = "val") -> str:
-        """ASCII tree of the expected layout for ``split``."""
-        img_dir, ann_dir, split_file = self.resolve(split)
-        entries = [
-            (f"{img_dir}/", f"{self.id_pattern}{self.img_suffix}  (RGB images)"),
-            (f"{ann_dir}/", f"{self.id_pattern}{self.seg_map_suffix}  ({self.label_note})"),
-        ]
-        if split_file is not None:
-            entries.append((split_file, "sample ids, one per line"))
-        width = max(len(e[0]) for e in entries) + 6
-        lines = [f"{self.root_display}/   <- root"]
-        for k, (path, note) in enumerate(entries):
-            branch = "`-- " if k == len(entries) - 1 else "|-- "
-            lines.append(f"{branch}{path}".ljust(width) + note)
-        return "\n".join(lines)
-
-
-_VOC_LABEL = "palette PNG; palette indices are the labels, 255 = ignore"
-
-
-def _voc(name: str, num_classes: int, reduce: bool) -> DatasetSpec:
-    return DatasetSpec(
-        name=name,
-        num_classes=num_classes,
-        img_dir="JPEGImages",
-        ann_dir="SegmentationClass",
-        img_suffix=".jpg",
-        seg_map_suffix=".png",
-        split_file="ImageSets/Segmentation/{split}.txt",
-        reduce_zero_label=reduce,
-        root_display="VOCdevkit/VOC2012",
-        root_subdirs=("VOC2012", "VOCdevkit/VOC2012"),
-        label_note=_VOC_LABEL + (", 0 = background (dropped)" if reduce else ""),
-        hint="Pass the VOC2012 folder or its parent VOCdevkit.",
-        has_background=not reduce,
-    )
-
-
-def _context(name: str, num_classes: int, reduce: bool) -> DatasetSpec:
-    return DatasetSpec(
-        name=name,
-        num_classes=num_classes,
-        img_dir="JPEGImages",
-        ann_dir="SegmentationClassContext",
-        img_suffix=".jpg",
-        seg_map_suffix=".png",
-        split_file="ImageSets/SegmentationContext/{split}.txt",
-        reduce_zero_label=reduce,
-        root_display="VOCdevkit/VOC2010",
-        root_subdirs=("VOC2010", "VOCdevkit/VOC2010"),
-        label_note="0 = background" + (" (dropped)" if reduce else "") + ", 1..59 classes",
-        hint=(
-            "Pass the VOC2010 folder or its parent VOCdevkit. SegmentationClassContext and "
-            "ImageSets/SegmentationContext come from mmsegmentation's "
-            "tools/dataset_converters/pascal_context.py (needs trainval_merged.json)."
-        ),
-        has_background=not reduce,
-    )
-
-
-def _coco(
-    name: str, num_classes: int, suffix: str, note: str, hint: str, background: bool
-) -> DatasetSpec:
-    return DatasetSpec(
-        name=name,
-        num_classes=num_classes,
-        img_dir="images/{split}2017",
-        ann_dir="annotations/{split}2017",
-        img_suffix=".jpg",
-        seg_map_suffix=suffix,
-        split_file=None,
-        reduce_zero_label=False,
-        root_display="coco_stuff164k",
-        root_subdirs=("coco_stuff164k",),
-        label_note=note,
-        hint=hint,
-        has_background=background,
-    )
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "voc21": _voc("voc21", 21, reduce=False),
-    "voc20": _voc("voc20", 20, reduce=True),
-    "context60": _context("context60", 60, reduce=False),
-    "context59": _context("context59", 59, reduce=True),
-    "coco_object": _coco(
-        "coco_object",
-        81,
-        "_instanceTrainIds.png",
-        "0 = background, 1..80 things, 255 = ignore",
-        "Derive the *_instanceTrainIds.png labels from COCO-Stuff164k's *_labelTrainIds.png "
-        "with sfp.seg.datasets.prepare_coco_object(root).",
-        background=True,
-    ),
-    "coco_stuff164k": _coco(
-        "coco_stuff164k",
-        171,
-        "_labelTrainIds.png",
-        "0..170 train ids, 255 = ignore",
-        "Create *_labelTrainIds.png with mmsegmentation's "
-        "tools/dataset_converters/coco_stuff164k.py.",
-        background=False,
-    ),
-    "cityscapes": DatasetSpec(
-        name="cityscapes",
-        num_classes=19,
-        img_dir="leftImg8bit/{split}",
-        ann_dir="gtFine/{split}",
-        img_suffix="_leftImg8bit.png",
-        seg_map_suffix="_gtFine_labelTrainIds.png",
-        split_file=None,
-        reduce_zero_label=False,
-        root_display="cityscapes",
-        root_subdirs=("cityscapes",),
-        recursive=True,
-        id_pattern="{city}/{id}",
-        label_note="0..18 train ids, 255 = ignore",
-        hint=(
-            "Create *_gtFine_labelTrainIds.png with cityscapesscripts' createTrainIdLabelImgs "
-            "(or mmsegmentation's tools/dataset_converters/cityscapes.py)."
-        ),
-    ),
-    "ade20k": DatasetSpec(
-        name="ade20k",
-        num_classes=150,
-        img_dir="images/{split}",
-        ann_dir="annotations/{split}",
-        img_suffix=".jpg",
-        seg_map_suffix=".png",
-        split_file=None,
-        reduce_zero_label=True,
-        root_display="ADEChallengeData2016",
-        root_subdirs=("ADEChallengeData2016",),
-        split_alias=(("val", "validation"), ("train", "training")),
-        label_note="0 = other (dropped), 1..150 classes",
-        hint="Unzip ADEChallengeData2016.zip and pass the ADEChallengeData2016 folder.",
-    ),
-}
-
-
-def get_spec(name: str) -> DatasetSpec:
-    """The :class:`DatasetSpec` of benchmark ``name`` (ValueError listing valid names)."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}"
-        ) from None
-
-
-def class_file(name: str) -> Path:
-    """Path of the class-name file ``sfp/data/{name}.txt`` (one class per line)."""
-    get_spec(name)
-    return _DATA_DIR / f"{name}.txt"
-
-
-def class_names(name: str) -> list[str]:
-    """One display name per class: the first synonym of each line of the class file.
-
-    Label 0 of the benchmarks with a background class (voc21, context60, coco_object), whose
-    line lists many stuff names, is shown as ``background``.
-    """
-    lines = [ln.strip() for ln in class_file(name).read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if ln]
-    names = [ln.split(",")[0].strip() for ln in lines]
-    if names and get_spec(name).has_background:
-        names[0] = "background"
-    return names
 
 
 @dataclass(frozen=True, eq=False)
@@ -316,7 +92,7 @@ class SegDataset:
     """A benchmark split, read lazily: ``ds[i] -> Sample``, ``len(ds)``, iteration.
 
     Attributes:
-        benchmark: benchmark name (a key of :data:`DATASETS`).
+        benchmark: benchmark name (one of :data:`sfp.seg.benchmarks.BENCHMARKS`).
         root: the resolved dataset root.
         split: split name (``"val"``).
         names: sorted sample ids.
@@ -432,7 +208,7 @@ class SegDataset:
     @property
     def class_names(self) -> list[str]:
         """Display names of the ``num_classes`` classes (from ``sfp/data/{name}.txt``)."""
-        return class_names(self.benchmark)
+        return get_benchmark(self.benchmark).class_names()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -462,14 +238,14 @@ class SegDataset:
 
 
 def load_dataset(name: str, root: str | os.PathLike[str], split: str = "val") -> SegDataset:
-    """Open benchmark ``name`` (one of :data:`BENCHMARKS`) under ``root``.
+    """Open benchmark ``name`` (one of :data:`sfp.seg.benchmarks.BENCHMARKS`) under ``root``.
 
     Raises:
         ValueError: unknown name.
         DatasetLayoutError: missing root / folder / split file (message shows the expected
             tree), an empty split, or a sample without its image or label.
     """
-    return SegDataset(get_spec(name), root, split)
+    return SegDataset(get_benchmark(name).layout, root, split)
 
 
 def _coco_object_label(stuff: np.ndarray) -> np.ndarray:
@@ -502,7 +278,7 @@ def prepare_coco_object(
     Returns:
         The number of label files written.
     """
-    spec = DATASETS["coco_stuff164k"]
+    spec = get_benchmark("coco_stuff164k").layout
     given = Path(stuff_root).expanduser()
     _, ann_rel, _ = spec.resolve(split)
     src_root = next(
@@ -520,7 +296,7 @@ def prepare_coco_object(
             _layout_error(spec, split, given, src_dir, f"no *{spec.seg_map_suffix} labels in")
         )
     dst_root = Path(out_root).expanduser() if out_root is not None else src_root
-    dst_dir = dst_root / DATASETS["coco_object"].resolve(split)[1]
+    dst_dir = dst_root / get_benchmark("coco_object").layout.resolve(split)[1]
     dst_dir.mkdir(parents=True, exist_ok=True)
     if out_root is not None:
         img_rel = spec.resolve(split)[0]
@@ -532,7 +308,7 @@ def prepare_coco_object(
             except OSError:
                 pass
 
-    obj_suffix = DATASETS["coco_object"].seg_map_suffix
+    obj_suffix = get_benchmark("coco_object").layout.seg_map_suffix
     written = 0
     total = len(sources)
     for k, src in enumerate(sources, 1):

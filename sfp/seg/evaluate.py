@@ -1,5 +1,5 @@
-"""Benchmark evaluation with resumable state, and the ``sfp segment`` / ``eval`` / ``prepare``
-commands.
+"""Benchmark evaluation with resumable state (the ``sfp eval`` command lives in
+:mod:`sfp.cli.seg`).
 
 ``sfp eval --benchmark voc21 --data-root DIR --out results.json`` segments every image of the
 split with :meth:`sfp.seg.pipeline.Segmenter.for_benchmark` and scores it as mmseg's ``IoUMetric``
@@ -33,26 +33,23 @@ Test hook: with ``SFP_EVAL_INTERRUPT_AFTER=k`` in the environment, each process 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sfp import __version__
-from sfp.seg.datasets import BENCHMARKS, DatasetLayoutError, SegDataset, load_dataset
-from sfp.seg.distributed import DistContext, init_distributed, rank_device, shard
+from sfp.core.errors import SFPError
+from sfp.seg.datasets import SegDataset
+from sfp.seg.distributed import DistContext, shard
 from sfp.seg.metrics import SegMetrics, confusion_matrix
 
 __all__ = [
@@ -62,7 +59,6 @@ __all__ = [
     "StaleStateError",
     "evaluate",
     "make_fingerprint",
-    "register_cli",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,7 +67,7 @@ STATE_VERSION = 1
 INTERRUPT_ENV = "SFP_EVAL_INTERRUPT_AFTER"
 
 
-class EvalError(RuntimeError):
+class EvalError(SFPError, RuntimeError):
     """Evaluation cannot go on (unreadable sample, inconsistent state); the message says why."""
 
 
@@ -135,7 +131,7 @@ def make_fingerprint(
             "encoder_config": config_dict(segmenter.encoder.config),
             "model": bundle.name,
             "pretrained": bundle.pretrained,
-            "seed": seed if bundle.is_random else None,
+            "seed": seed if bundle.provenance in ("random", "synthetic") else None,
             "dtype": str(bundle.dtype).replace("torch.", ""),
             "segmenter": segmenter.params(),
             "classes": segmenter.classes,
@@ -204,7 +200,7 @@ class EvalState:
                 "--restart to discard it."
             )
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(
+        write_json_atomic(
             self.manifest_path,
             {"sfp_version": __version__, "fingerprint": self.fingerprint},
         )
@@ -267,7 +263,7 @@ def _dense(entries: np.ndarray, num_classes: int) -> np.ndarray:
     return m
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
@@ -370,242 +366,3 @@ def evaluate(
     total = ctx.all_reduce_sum(total)
     metrics = SegMetrics.from_confusion(total, dataset.class_names)
     return EvalResult(metrics=metrics, num_images=int(counts[0]), resumed=int(counts[1]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def _add_segmenter_arguments(p: argparse.ArgumentParser) -> None:
-    from sfp.methods.encoders import available_methods
-
-    p.add_argument("--method", default="sfp", choices=available_methods(),
-                   help="dense encoder (default sfp)")
-    p.add_argument("--preset", default="official", choices=("official", "paper"),
-                   help="SFP configuration preset (method sfp only; default official)")
-    p.add_argument("--templates", default="openai80", choices=("openai80", "simple"),
-                   help="prompt templates: openai80 (the paper's 80 ImageNet templates) or "
-                   "simple ('a photo of a {}.'; advanced: fast tests)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per encoder call")
-    g = p.add_argument_group("overrides of the benchmark preset (advanced)")
-    g.add_argument("--short-side", type=int, default=None)
-    g.add_argument("--crop", type=int, default=None)
-    g.add_argument("--stride", type=int, default=None)
-    g.add_argument("--logit-scale", type=float, default=None)
-    g.add_argument("--prob-thd", type=float, default=None)
-    g.add_argument("--area-thd", type=float, default=None,
-                   help="area threshold; a negative value switches it off")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
-                   help="model precision (default fp32; the release ran fp16 on CUDA)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed for --pretrained random weights (default 0), so every rank and "
-                   "every resumed run builds the same model")
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in ("short_side", "crop", "stride", "logit_scale", "prob_thd"):
-        v = getattr(args, key)
-        if v is not None:
-            out[key] = v
-    if args.area_thd is not None:
-        out["area_thd"] = None if args.area_thd < 0 else args.area_thd
-    out["batch_size"] = args.batch_size
-    out["templates"] = args.templates
-    out["method"] = args.method
-    out["config"] = args.preset if args.method == "sfp" else None
-    return out
-
-
-def _load_bundle(args: argparse.Namespace):
-    import sfp.cli.app as cli
-
-    pretrained = args.pretrained or ""
-    if pretrained == "random":
-        torch.manual_seed(args.seed)
-    bundle = cli.load_bundle_from_args(args)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        args.precision
-    ]
-    if bundle.dtype != dtype:
-        bundle.model.to(dtype)
-    return bundle
-
-
-def _fail(command: str, exc: BaseException | str) -> int:
-    print(f"sfp {command}: error: {exc}", file=sys.stderr)
-    if isinstance(exc, BaseException):
-        log.debug("details", exc_info=exc)
-    return 2
-
-
-def _handled_errors() -> tuple[type[BaseException], ...]:
-    from sfp.core.io import ImageError
-    from sfp.models.loading import ModelLoadError, WeightsUnavailableError
-
-    return (
-        EvalError, DatasetLayoutError, ImageError, WeightsUnavailableError, ModelLoadError,
-        FileNotFoundError, ValueError, ImportError,
-    )
-
-
-def _run_segment(args: argparse.Namespace) -> int:
-    from sfp.seg.pipeline import Segmenter, save_segmentation
-
-    try:
-        bundle = _load_bundle(args)
-        kw = _overrides(args)
-        if args.benchmark:
-            seg = Segmenter.for_benchmark(bundle, args.benchmark, **kw)
-        else:
-            classes = args.classes if args.classes is not None else Path(args.class_file)
-            if args.class_file is not None and not Path(args.class_file).is_file():
-                raise FileNotFoundError(f"No class file at {args.class_file}.")
-            seg = Segmenter(bundle, classes, **kw)
-        out = Path(args.out)
-        used: set[str] = set()
-        for src in args.images:
-            stem = Path(src).stem or "image"
-            base, k = stem, 1
-            while stem in used:
-                k += 1
-                stem = f"{base}_{k}"
-            used.add(stem)
-            result = seg.predict(src)
-            lab, ov = save_segmentation(result, out, stem, alpha=args.alpha)
-            present = ", ".join(result.class_names[c] for c in result.present())
-            print(f"{src}: wrote {lab} and {ov} (classes present: {present})")
-    except _handled_errors() as exc:
-        return _fail("segment", exc)
-    return 0
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from sfp.seg.pipeline import Segmenter
-
-    if args.limit is not None and args.limit < 1:
-        return _fail("eval", f"--limit must be >= 1, got {args.limit}.")
-    out = Path(args.out)
-    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".state")
-    ctx = init_distributed(args.device)
-    try:
-        args.device = rank_device(ctx, args.device)
-        dataset = load_dataset(args.benchmark, args.data_root, split=args.split)
-        bundle = _load_bundle(args)
-        kw = _overrides(args)
-        seg = Segmenter.for_benchmark(bundle, args.benchmark, **kw)
-        preset = args.preset if args.method == "sfp" else None
-        fingerprint = make_fingerprint(seg, dataset, limit=args.limit, preset=preset,
-                                       seed=args.seed)
-        state = EvalState(state_dir, fingerprint)
-        t0 = time.perf_counter()
-        try:
-            res = evaluate(seg, dataset, limit=args.limit, state=state, restart=args.restart,
-                           ctx=ctx, progress=not args.no_progress)
-        except KeyboardInterrupt:
-            if ctx.is_main:
-                print(f"sfp eval: progress is saved in {state_dir}; run the same command "
-                      "again to resume.", file=sys.stderr)
-            raise
-        elapsed = time.perf_counter() - t0
-        if ctx.is_main:
-            results = {
-                "benchmark": args.benchmark,
-                "split": args.split,
-                "method": seg.method,
-                "preset": preset,
-                "model": bundle.name,
-                "pretrained": bundle.pretrained,
-                "num_images": res.num_images,
-                **res.metrics.to_dict(),
-                "config": {
-                    "segmenter": seg.params(),
-                    "encoder": config_dict(seg.encoder.config),
-                    "limit": args.limit,
-                    "data_root": fingerprint["data_root"],
-                    "dtype": fingerprint["dtype"],
-                    "seed": fingerprint["seed"],
-                },
-                "sfp_version": __version__,
-            }
-            _write_json_atomic(out, results)
-            m = res.metrics
-            print(
-                f"{args.benchmark} / {seg.method}: mIoU {m.miou * 100:.2f}  aAcc "
-                f"{m.aacc * 100:.2f}  mAcc {m.macc * 100:.2f}  ({res.num_images} images, "
-                f"{res.resumed} resumed, {elapsed:.1f} s, {ctx.world_size} process(es))"
-            )
-            print(f"wrote {out}")
-    except _handled_errors() as exc:
-        return _fail("eval", exc)
-    finally:
-        ctx.shutdown()
-    return 0
-
-
-def _run_prepare(args: argparse.Namespace) -> int:
-    from sfp.seg.datasets import prepare_coco_object
-
-    try:
-        written = prepare_coco_object(args.stuff_root, args.out, progress=True, split=args.split)
-    except _handled_errors() as exc:
-        return _fail("prepare", exc)
-    dest = args.out or args.stuff_root
-    print(f"coco-object: wrote {written} label files under {dest}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``segment``, ``eval`` and ``prepare`` to the ``sfp`` command."""
-    from sfp.cli.app import add_model_arguments
-
-    p = subparsers.add_parser(
-        "segment",
-        help="segment images with free-form classes; write label and overlay PNGs",
-        description="Segment images; writes <stem>_labels.png (palette PNG, pixel value = "
-        "class index in the order given) and <stem>_overlay.png into --out.",
-    )
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--classes", help='classes separated by ";", synonyms by ",": '
-                     '"cat; dog, puppy; grass"')
-    src.add_argument("--class-file", help="file with one class per line (synonyms: ', ')")
-    src.add_argument("--benchmark", choices=BENCHMARKS,
-                     help="use a benchmark's classes and released hyper-parameters")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
-    add_model_arguments(p)
-    _add_segmenter_arguments(p)
-    p.set_defaults(func=_run_segment)
-
-    e = subparsers.add_parser(
-        "eval",
-        help="evaluate on a benchmark (mIoU); resumable, torchrun-aware",
-        description="Evaluate on a benchmark. Progress is saved per image in <out>.state/; "
-        "re-running the same command resumes. Under torchrun the images are sharded over "
-        "the ranks.",
-    )
-    e.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    e.add_argument("--data-root", required=True, help="dataset root (mmseg layout)")
-    e.add_argument("--out", required=True, help="results JSON file")
-    e.add_argument("--split", default="val", help="split (default val)")
-    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    e.add_argument("--restart", action="store_true",
-                   help="discard saved progress in <out>.state/ and start over")
-    e.add_argument("--state-dir", default=None, help="where to save progress "
-                   "(default: <out>.state)")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_arguments(e, synthetic=False)
-    _add_segmenter_arguments(e)
-    e.set_defaults(func=_run_eval)
-
-    pr = subparsers.add_parser(
-        "prepare", help="derive dataset files (coco-object labels from COCO-Stuff164k)",
-    )
-    pr.add_argument("dataset", choices=("coco-object",))
-    pr.add_argument("--stuff-root", required=True, help="COCO-Stuff164k root "
-                    "(with annotations/val2017/*_labelTrainIds.png)")
-    pr.add_argument("--out", default=None, help="write here instead of into --stuff-root")
-    pr.add_argument("--split", default="val")
-    pr.set_defaults(func=_run_prepare)

@@ -1,4 +1,7 @@
-"""Sliding-window open-vocabulary segmentation and its post-processing (DESIGN.md §5).
+"""Sliding-window open-vocabulary segmentation and its post-processing: the one pipeline.
+
+Every segmentation sfp shows goes through :class:`Segmenter`: ``sfp segment``, ``sfp eval``,
+the figures and the widgets.
 
 >>> seg = Segmenter(bundle, "cat; dog; grass", method="sfp")
 >>> out = seg.predict("photo.jpg")          # Segmentation
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,18 +46,28 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sfp.core import forward
 from sfp.core.io import ImageSource, load_image, normalize
-from sfp.methods.encoders import Encoder, make_encoder
+from sfp.methods.base import Encoder
+from sfp.methods.encoders import make_encoder
 from sfp.models.loading import ModelBundle
-from sfp.models.text import ClassSpec, Queries, embed_queries, parse_classes
+from sfp.models.text import (
+    ClassSpec,
+    Queries,
+    TemplateSpec,
+    embed_queries,
+    resolve_templates,
+    templates_key,
+)
+from sfp.seg.benchmarks import Settings, class_list, get_benchmark
 
 __all__ = [
-    "BENCHMARK_PRESETS",
     "PALETTE",
-    "TEMPLATE_SETS",
+    "Prepared",
     "Segmentation",
     "SegmentationScores",
     "Segmenter",
+    "Stitcher",
     "Window",
+    "embed_classes",
     "inference_size",
     "label_image",
     "postprocess",
@@ -65,48 +78,10 @@ __all__ = [
     "window_logits",
 ]
 
+_DEFAULTS = Settings()
+
 Window = tuple[int, int, int, int]
 """``(y0, x0, y1, x1)``: rows ``y0:y1`` and columns ``x0:x1`` of the resized image."""
-
-#: Named prompt-template sets: ``None`` means the 80 OpenAI ImageNet templates.
-TEMPLATE_SETS: dict[str, tuple[str, ...] | None] = {
-    "openai80": None,
-    "simple": ("a photo of a {}.",),
-}
-
-# Released hyper-parameters per benchmark. Every benchmark uses slide crop 224, stride 112
-# (the SFPForSegmentation defaults in Kimsure/SFP SFP_ICCV/SFP_segmentor.py: logit_scale 40,
-# prob_thd 0.0, area_thd None unless a config sets them) and ``Resize(scale=(2048, short))``.
-# Sources:
-#   voc21: Kimsure/SFP SFP_ICCV/test/20251207_184940/20251207_184940.log -- the config dump of
-#          the release's own VOC21 run (61.4 mIoU); identical to SC-CLIP's cfg_voc21.py.
-#   the other seven: Kimsure/SFP's configs/cfg_*.py are not in the stored release snapshot;
-#          SFP's configs are derived from SC-CLIP's (SFP README acknowledges SC-CLIP, and
-#          voc21 matches SC-CLIP's exactly), so they come from SuleBai/SC-CLIP
-#          configs/cfg_{voc20,context60,context59,coco_object,coco_stuff164k,city_scapes,
-#          ade20k}.py (same values as wangf3014/SCLIP's configs for the short sides).
-BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
-    # Kimsure/SFP SFP_ICCV/test/20251207_184940/20251207_184940.log (SC-CLIP cfg_voc21.py)
-    "voc21": dict(short_side=336, logit_scale=50.0, prob_thd=0.15, area_thd=0.1),
-    # SuleBai/SC-CLIP configs/cfg_voc20.py
-    "voc20": dict(short_side=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
-    # SuleBai/SC-CLIP configs/cfg_context60.py
-    "context60": dict(short_side=336, logit_scale=40.0, prob_thd=0.15, area_thd=None),
-    # SuleBai/SC-CLIP configs/cfg_context59.py
-    "context59": dict(short_side=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
-    # SuleBai/SC-CLIP configs/cfg_coco_object.py
-    "coco_object": dict(short_side=336, logit_scale=55.0, prob_thd=0.35, area_thd=None),
-    # SuleBai/SC-CLIP configs/cfg_coco_stuff164k.py
-    "coco_stuff164k": dict(short_side=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
-    # SuleBai/SC-CLIP configs/cfg_city_scapes.py
-    "cityscapes": dict(short_side=560, logit_scale=40.0, prob_thd=0.0, area_thd=None),
-    # SuleBai/SC-CLIP configs/cfg_ade20k.py
-    "ade20k": dict(short_side=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
-}
-for _preset in BENCHMARK_PRESETS.values():
-    _preset.update(crop=224, stride=112, max_long_side=2048)
-del _preset
-
 
 def _voc_palette() -> np.ndarray:
     """PASCAL VOC colour map: (256, 3) uint8, index 0 black, 255 (ignore) light grey-ish."""
@@ -132,7 +107,8 @@ PALETTE.flags.writeable = False
 # ---------------------------------------------------------------------------------------------
 
 
-def slide_windows(h: int, w: int, crop: int = 224, stride: int = 112) -> list[Window]:
+def slide_windows(h: int, w: int, crop: int = _DEFAULTS.crop, stride: int = _DEFAULTS.stride
+                  ) -> list[Window]:
     """Sliding windows over an ``h x w`` image, as mmseg's slide inference places them.
 
     Window starts are ``0, stride, 2 stride, ...``; the last window of a row/column is moved
@@ -159,7 +135,8 @@ def slide_windows(h: int, w: int, crop: int = 224, stride: int = 112) -> list[Wi
 
 
 def inference_size(
-    h: int, w: int, short_side: int | None = 336, max_long_side: int | None = 2048
+    h: int, w: int, short_side: int | None = _DEFAULTS.short_side,
+    max_long_side: int | None = _DEFAULTS.max_long_side,
 ) -> tuple[int, int]:
     """Size the image is resized to, by mmcv's ``imrescale(img, (max_long, short))`` rule.
 
@@ -212,13 +189,31 @@ def window_logits(
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def _accumulate(
-    acc: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, windows: Sequence[Window]
-) -> None:
-    """Add window logits (K, Q, hw, ww) into acc (Q, h, w) and count (1, h, w), in order."""
-    for lg, (y0, x0, y1, x1) in zip(logits, windows, strict=True):
-        acc[:, y0:y1, x0:x1] += lg
-        count[:, y0:y1, x0:x1] += 1
+class Stitcher:
+    """Averages overlapping window logits into one map, window by window.
+
+    ``Stitcher(num_queries, (h, w))``; :meth:`add` the logits of some windows, then
+    :meth:`result` is the per-pixel sum over the windows covering it divided by their count.
+    """
+
+    def __init__(self, num_queries: int, size: tuple[int, int],
+                 device: torch.device | str | None = None) -> None:
+        self.acc = torch.zeros((num_queries, *size), dtype=torch.float32, device=device)
+        self.count = torch.zeros((1, *size), dtype=torch.float32, device=device)
+
+    def add(self, logits: torch.Tensor | Sequence[torch.Tensor], windows: Sequence[Window]) -> None:
+        """Add window logits (K, Q, hw, ww) (or K tensors (Q, hw, ww)), one per window."""
+        if len(logits) != len(windows):
+            raise ValueError(f"{len(logits)} window logits for {len(windows)} windows.")
+        for lg, (y0, x0, y1, x1) in zip(logits, windows, strict=True):
+            self.acc[:, y0:y1, x0:x1] += lg.float()
+            self.count[:, y0:y1, x0:x1] += 1
+
+    def result(self) -> torch.Tensor:
+        """(Q, h, w) window-averaged logits. Raises ValueError if a pixel has no window."""
+        if bool((self.count == 0).any()):
+            raise ValueError("the windows do not cover the whole image.")
+        return self.acc / self.count
 
 
 def stitch(
@@ -226,24 +221,19 @@ def stitch(
     windows: Sequence[Window],
     size: tuple[int, int],
 ) -> torch.Tensor:
-    """Average overlapping window logits into one map.
+    """Average overlapping window logits into one map (see :class:`Stitcher`).
 
     logits: (K, Q, hw, ww) (or K tensors (Q, hw, ww)), one per window of ``windows``;
-    size: (h, w) of the image the windows tile -> (Q, h, w): the per-pixel sum over the
-    windows covering it divided by their count.
+    size: (h, w) of the image the windows tile -> (Q, h, w).
 
     Raises:
-        ValueError: some pixel is covered by no window.
+        ValueError: counts differ, or some pixel is covered by no window.
     """
     if len(logits) != len(windows):
         raise ValueError(f"{len(logits)} window logits for {len(windows)} windows.")
-    first = logits[0]
-    acc = first.new_zeros((first.shape[0], *size), dtype=torch.float32)
-    count = first.new_zeros((1, *size), dtype=torch.float32)
-    _accumulate(acc, count, [lg.float() for lg in logits], windows)
-    if bool((count == 0).any()):
-        raise ValueError("the windows do not cover the whole image.")
-    return acc / count
+    st = Stitcher(logits[0].shape[0], size, device=logits[0].device)
+    st.add(logits, windows)
+    return st.result()
 
 
 def _class_max(probs: torch.Tensor, query_to_class: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -263,9 +253,9 @@ def postprocess(
     scores: torch.Tensor,
     query_to_class: torch.Tensor | Sequence[int],
     *,
-    logit_scale: float = 40.0,
-    prob_thd: float = 0.0,
-    area_thd: float | None = None,
+    logit_scale: float = _DEFAULTS.logit_scale,
+    prob_thd: float = _DEFAULTS.prob_thd,
+    area_thd: float | None = _DEFAULTS.area_thd,
     num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn cosine logits into labels, as the released ``postprocess_result`` does.
@@ -473,24 +463,13 @@ class _Keep:
 KEEP = _Keep()
 
 
-def _resolve_templates(templates: str | Sequence[Any] | None) -> Sequence[Any] | None:
-    if isinstance(templates, str):
-        if templates not in TEMPLATE_SETS:
-            raise ValueError(
-                f"Unknown template set {templates!r}; use one of {', '.join(TEMPLATE_SETS)}, "
-                "a list of format strings with '{}', or None (the 80 OpenAI templates)."
-            )
-        return TEMPLATE_SETS[templates]
-    return templates
-
-
-def _templates_key(templates: str | Sequence[Any] | None) -> str | list[str]:
-    """JSON-friendly description of a template choice."""
-    if templates is None:
-        return "openai80"
-    if isinstance(templates, str):
-        return templates
-    return [t("{}") if callable(t) else str(t) for t in templates]
+def embed_classes(bundle: ModelBundle, classes: ClassSpec, templates: TemplateSpec = None
+                  ) -> Queries:
+    """Text queries of any class specification, benchmark names included
+    (:func:`sfp.seg.benchmarks.class_list`, then :func:`sfp.models.text.embed_queries`)."""
+    parsed, _ = class_list(classes)
+    # class_list validated the names already (released lists may repeat one across classes)
+    return embed_queries(bundle, parsed, templates, allow_duplicates=True)
 
 
 def _to_image(image: ImageSource) -> torch.Tensor:
@@ -506,6 +485,28 @@ def _uint8(img: torch.Tensor) -> np.ndarray:
     return (img.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An image made ready for the encoder (steps 1-2 of the pipeline).
+
+    pixels: (3, h, w) normalised, resized, on the model's device and dtype; windows: the
+    sliding windows over it; grid: the patch grid of one window; window_size: (hw, ww);
+    size: (H, W) of the original image.
+    """
+
+    pixels: torch.Tensor
+    windows: list[Window]
+    grid: tuple[int, int]
+    window_size: tuple[int, int]
+    size: tuple[int, int]
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[Window]]]:
+        """``(crops (K, 3, hw, ww), their windows)``, ``batch_size`` windows at a time."""
+        for i in range(0, len(self.windows), batch_size):
+            chunk = self.windows[i : i + batch_size]
+            yield torch.stack([self.pixels[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk]), chunk
+
+
 class Segmenter:
     """Open-vocabulary semantic segmentation with a training-free dense CLIP encoder.
 
@@ -514,17 +515,21 @@ class Segmenter:
         classes: a benchmark name (``"voc21"``), a class file, ``"cat; dog; grass"``, a list
             of names (", "-separated synonyms allowed) or a list of synonym lists.
         method: an encoder method of :func:`sfp.methods.encoders.make_encoder` (``"sfp"``,
-            ``"clip"``, ...) or an :class:`~sfp.methods.encoders.Encoder` instance.
-        config: the method's configuration (for ``"sfp"``: an ``SFPConfig`` or ``"official"``
-            / ``"paper"``); None = the method's defaults.
+            ``"clip"``, ...) or an :class:`~sfp.methods.base.Encoder` instance.
+        config: the method's configuration (for ``"sfp"``: an ``SFPConfig`` or a preset
+            name); None = the method's defaults.
         short_side, max_long_side: resize rule (:func:`inference_size`); None = keep.
         crop, stride: sliding windows (:func:`slide_windows`).
         logit_scale, prob_thd, area_thd: post-processing (:func:`postprocess`).
         batch_size: windows per encoder call (results do not depend on it).
-        templates: prompt templates: None / ``"openai80"`` (the 80 OpenAI ImageNet templates),
-            ``"simple"`` (``"a photo of a {}."``), or a list of format strings / callables.
+        templates: prompt templates: a set of :data:`sfp.models.text.TEMPLATES` (``"openai80"``
+            = None, the 80 OpenAI ImageNet templates; ``"simple"``), or a list of format
+            strings / callables.
+        fwd_hooks: interventions applied in every window's forward (``[(hook name, fn)]``).
+        queries: text queries already embedded for these classes (reused, not re-embedded).
 
-    Text queries are embedded once, on first use, and kept.
+    Defaults are :class:`sfp.seg.benchmarks.Settings`' (the released protocol). Text queries
+    are embedded once, on first use, and kept.
     """
 
     def __init__(
@@ -533,15 +538,17 @@ class Segmenter:
         classes: ClassSpec,
         method: str | Encoder = "sfp",
         config: Any = None,
-        short_side: int | None = 336,
-        crop: int = 224,
-        stride: int = 112,
-        logit_scale: float = 40.0,
-        prob_thd: float = 0.0,
-        area_thd: float | None = None,
+        short_side: int | None = _DEFAULTS.short_side,
+        crop: int = _DEFAULTS.crop,
+        stride: int = _DEFAULTS.stride,
+        logit_scale: float = _DEFAULTS.logit_scale,
+        prob_thd: float = _DEFAULTS.prob_thd,
+        area_thd: float | None = _DEFAULTS.area_thd,
         batch_size: int = 8,
-        templates: str | Sequence[str | Callable[[str], str]] | None = None,
-        max_long_side: int | None = 2048,
+        templates: TemplateSpec = None,
+        max_long_side: int | None = _DEFAULTS.max_long_side,
+        fwd_hooks: Any = None,
+        queries: Queries | None = None,
     ) -> None:
         if crop < bundle.patch_size:
             raise ValueError(f"crop ({crop}) must be at least one patch ({bundle.patch_size}).")
@@ -553,9 +560,8 @@ class Segmenter:
             raise ValueError(f"short_side must be positive or None, got {short_side}.")
         self._check_post(logit_scale, prob_thd, area_thd)
         self.bundle = bundle
-        self.classes = parse_classes(classes)
-        self.class_spec = classes if isinstance(classes, str) else None
-        self._classes_arg = classes  # released lists may repeat a name (coco_object "bed")
+        self.classes, self.class_names = class_list(classes)
+        self._classes_arg = classes
         if isinstance(method, Encoder):
             if config is not None:
                 raise ValueError("config must be None when method is an Encoder instance.")
@@ -572,26 +578,30 @@ class Segmenter:
         self.area_thd = None if area_thd is None else float(area_thd)
         self.batch_size = int(batch_size)
         self.templates = templates
-        _resolve_templates(templates)
+        resolve_templates(templates)
+        self.fwd_hooks = None if fwd_hooks is None else self.encoder.hooks(fwd_hooks)
         self._queries: Queries | None = None
         self._query_emb: torch.Tensor | None = None
+        if queries is not None:
+            if len(queries.class_names) != self.num_classes:
+                raise ValueError(f"queries hold {len(queries.class_names)} classes, the class "
+                                 f"list {self.num_classes}.")
+            self._queries = queries
+            self._query_emb = queries.embeddings.to(self.bundle.device, torch.float32)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def for_benchmark(cls, bundle: ModelBundle, name: str, **overrides: Any) -> Segmenter:
-        """A segmenter with the released hyper-parameters of benchmark ``name``.
+        """A segmenter with the released settings of benchmark ``name``
+        (:data:`sfp.seg.benchmarks.BENCHMARKS`).
 
         ``overrides`` replace any argument of :class:`Segmenter` (``method``, ``config``,
         ``templates``, ``logit_scale``, ...); the classes are the benchmark's class list.
-        See :data:`BENCHMARK_PRESETS`.
         """
-        key = name.lower().replace("-", "_")
-        if key not in BENCHMARK_PRESETS:
-            raise ValueError(
-                f"Unknown benchmark {name!r}; known: {', '.join(BENCHMARK_PRESETS)}."
-            )
-        kwargs: dict[str, Any] = {**BENCHMARK_PRESETS[key], **overrides}
-        kwargs.setdefault("classes", key)
+        bench = get_benchmark(name)
+        kwargs: dict[str, Any] = {**bench.settings.as_kwargs(), "templates": bench.templates,
+                                  **overrides}
+        kwargs.setdefault("classes", bench.name)
         return cls(bundle, **kwargs)
 
     @staticmethod
@@ -608,26 +618,11 @@ class Segmenter:
     def queries(self) -> Queries:
         """The text queries (embedded on first access, then cached)."""
         if self._queries is None:
-            self._queries = embed_queries(
-                self.bundle, self._classes_arg, _resolve_templates(self.templates)
-            )
-            if len(self._queries.class_names) != self.num_classes:  # pragma: no cover
-                raise RuntimeError("text queries and classes disagree")
+            # class_list validated the names already (released lists may repeat one)
+            self._queries = embed_queries(self.bundle, self.classes, self.templates,
+                                          allow_duplicates=True)
             self._query_emb = self._queries.embeddings.to(self.bundle.device, torch.float32)
         return self._queries
-
-    @property
-    def class_names(self) -> list[str]:
-        """C display names: the first synonym of each class; for a benchmark with a
-        background class (voc21, context60, coco_object) class 0 is ``"background"``."""
-        names = [syns[0] for syns in self.classes]
-        key = self.class_spec.lower().replace("-", "_") if self.class_spec else None
-        if key in BENCHMARK_PRESETS:
-            from sfp.seg.datasets import get_spec
-
-            if get_spec(key).has_background:
-                names[0] = "background"
-        return names
 
     @property
     def num_classes(self) -> int:
@@ -644,44 +639,53 @@ class Segmenter:
             "logit_scale": self.logit_scale,
             "prob_thd": self.prob_thd,
             "area_thd": self.area_thd,
-            "templates": _templates_key(self.templates),
+            "templates": templates_key(self.templates),
         }
 
     # -- inference ---------------------------------------------------------------------------
-    def _windows_batches(
-        self, x: torch.Tensor, windows: list[Window]
-    ) -> Iterator[tuple[torch.Tensor, list[Window]]]:
-        for i in range(0, len(windows), self.batch_size):
-            chunk = windows[i : i + self.batch_size]
-            crops = torch.stack([x[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
-            yield crops, chunk
+    def prepare(self, image: ImageSource | torch.Tensor) -> Prepared:
+        """Steps 1-2: resize, normalise, lay out the windows (see :class:`Prepared`).
 
-    @torch.no_grad()
-    def _logits(self, img: torch.Tensor) -> torch.Tensor:
-        """img: (3, H, W) in [0, 1] -> (Q, h, w) window-averaged logits on the device."""
-        queries = self.queries  # noqa: F841 - embeds on first use
-        emb = self._query_emb
-        assert emb is not None
-        device = self.bundle.device
-        h0, w0 = img.shape[-2:]
+        image: a path, PIL image, (H, W, 3) array or (3, H, W) tensor in [0, 1].
+        """
+        img = _to_image(image) if not isinstance(image, torch.Tensor) else image
+        h0, w0 = int(img.shape[-2]), int(img.shape[-1])
         size = inference_size(h0, w0, self.short_side, self.max_long_side)
-        x = resize_image(img.to(device), size)
+        x = resize_image(img.to(self.bundle.device), size)
         x = normalize(x, self.bundle).to(self.bundle.dtype)
-        h, w = size
-        windows = slide_windows(h, w, self.crop, self.stride)
+        windows = slide_windows(size[0], size[1], self.crop, self.stride)
         hw, ww = windows[0][2] - windows[0][0], windows[0][3] - windows[0][1]
         grid = forward.patch_grid(self.bundle.visual, hw, ww)
         if grid[0] < 1 or grid[1] < 1:
             raise ValueError(
-                f"the image is {h} x {w} px after resizing (short_side={self.short_side}), "
-                f"smaller than one {self.bundle.patch_size} px patch; raise short_side."
+                f"the image is {size[0]} x {size[1]} px after resizing (short_side="
+                f"{self.short_side}), smaller than one {self.bundle.patch_size} px patch; raise "
+                "short_side."
             )
-        acc = torch.zeros((emb.shape[0], h, w), dtype=torch.float32, device=device)
-        count = torch.zeros((1, h, w), dtype=torch.float32, device=device)
-        for crops, chunk in self._windows_batches(x, windows):
-            feats = self.encoder.encode_patches(crops)
-            _accumulate(acc, count, window_logits(feats, emb, grid, (hw, ww)), chunk)
-        return acc / count
+        return Prepared(x, windows, grid, (hw, ww), (h0, w0))
+
+    @torch.no_grad()
+    def _logits(self, img: torch.Tensor) -> torch.Tensor:
+        """img: (3, H, W) in [0, 1] -> (Q, h, w) window-averaged logits (steps 1-4)."""
+        self.queries  # noqa: B018 - embeds on first use
+        emb = self._query_emb
+        assert emb is not None
+        prep = self.prepare(img)
+        st = Stitcher(emb.shape[0], tuple(prep.pixels.shape[-2:]), device=self.bundle.device)
+        for crops, chunk in prep.batches(self.batch_size):
+            feats = self.encoder.encode_patches(crops) if self.fwd_hooks is None else \
+                self.encoder.encode_patches(crops, self.fwd_hooks)
+            st.add(window_logits(feats, emb, prep.grid, prep.window_size), chunk)
+        return st.result()
+
+    def _scores(self, img: torch.Tensor, keep_image: bool = True) -> SegmentationScores:
+        return SegmentationScores(
+            logits=self._logits(img),
+            size=(int(img.shape[-2]), int(img.shape[-1])),
+            query_to_class=self.queries.query_to_class.clone(),
+            class_names=list(self.class_names),
+            image=_uint8(img) if keep_image else None,
+        )
 
     def predict_logits(self, image: ImageSource) -> SegmentationScores:
         """Steps 1-4: the expensive part, without post-processing.
@@ -690,15 +694,20 @@ class Segmenter:
         :class:`SegmentationScores` (logits (Q, h, w) at the inference resolution, on the CPU).
         Pass it to :meth:`postprocess` (any number of times, with other thresholds).
         """
-        img = _to_image(image)
-        logits = self._logits(img)
-        return SegmentationScores(
-            logits=logits.cpu(),
-            size=(int(img.shape[-2]), int(img.shape[-1])),
-            query_to_class=self.queries.query_to_class.clone(),
-            class_names=self.class_names,
-            image=_uint8(img),
-        )
+        return self._scores(_to_image(image)).to("cpu")
+
+    def _post(self, scores: SegmentationScores, logit_scale: float | None,
+              prob_thd: float | None, area_thd: float | None | _Keep
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Steps 5-6 on the model's device: (labels, probs, the values used)."""
+        ls = self.logit_scale if logit_scale is None else float(logit_scale)
+        pt = self.prob_thd if prob_thd is None else float(prob_thd)
+        at = self.area_thd if isinstance(area_thd, _Keep) else area_thd
+        self._check_post(ls, pt, at)
+        up = scores.to(self.bundle.device).upsampled()
+        labels, probs = postprocess(up, scores.query_to_class, logit_scale=ls, prob_thd=pt,
+                                    area_thd=at, num_classes=len(scores.class_names))
+        return labels, probs, {"logit_scale": ls, "prob_thd": pt, "area_thd": at}
 
     def postprocess(
         self,
@@ -711,20 +720,28 @@ class Segmenter:
         """Steps 5-6 on cached scores; keyword overrides replace the segmenter's values
         (``area_thd=None`` switches the area threshold off; leave it out to keep the
         segmenter's)."""
-        ls = self.logit_scale if logit_scale is None else float(logit_scale)
-        pt = self.prob_thd if prob_thd is None else float(prob_thd)
-        at = self.area_thd if isinstance(area_thd, _Keep) else area_thd
-        self._check_post(ls, pt, at)
-        device = self.bundle.device
-        up = scores.to(device).upsampled()
-        labels, probs = postprocess(
-            up, scores.query_to_class, logit_scale=ls, prob_thd=pt, area_thd=at,
-            num_classes=len(scores.class_names),
-        )
-        return Segmentation(
-            labels=labels.cpu(), probs=probs.cpu(), class_names=list(scores.class_names),
-            image=scores.image, params={"logit_scale": ls, "prob_thd": pt, "area_thd": at},
-        )
+        labels, probs, params = self._post(scores, logit_scale, prob_thd, area_thd)
+        return Segmentation(labels=labels.cpu(), probs=probs.cpu(),
+                            class_names=list(scores.class_names), image=scores.image,
+                            params=params)
+
+    def segment_window(self, features: torch.Tensor, grid: tuple[int, int],
+                       image: np.ndarray | None = None) -> Segmentation:
+        """Steps 3-6 for an image that is a single window whose patch features are known.
+
+        features: (N, D) or (1, N, D) patch features on ``grid`` (gh, gw); the labels cover the
+        grid's pixel extent (gh p, gw p). image: (H, W, 3) uint8 for overlays. Figures that
+        already hold an encoder's features use this instead of encoding again.
+        """
+        self.queries  # noqa: B018 - embeds on first use
+        feats = features if features.ndim == 3 else features[None]
+        size = (grid[0] * self.bundle.patch_size, grid[1] * self.bundle.patch_size)
+        st = Stitcher(self._query_emb.shape[0], size, device=self.bundle.device)
+        st.add(window_logits(feats.to(self.bundle.device), self._query_emb, grid, size),
+               [(0, 0, *size)])
+        scores = SegmentationScores(st.result(), size, self.queries.query_to_class.clone(),
+                                    list(self.class_names), image)
+        return self.postprocess(scores)
 
     def predict(self, image: ImageSource) -> Segmentation:
         """Segment one image: :meth:`predict_logits` then :meth:`postprocess`."""
@@ -733,17 +750,10 @@ class Segmenter:
     __call__ = predict
 
     def predict_labels(self, image: ImageSource) -> torch.Tensor:
-        """Only the label map (H, W) int64 on the CPU (evaluation's fast path: no probs copy)."""
-        img = _to_image(image)
-        logits = self._logits(img)
-        up = F.interpolate(
-            logits[None], size=tuple(img.shape[-2:]), mode="bilinear", align_corners=False
-        )[0]
-        labels, _ = postprocess(
-            up, self.queries.query_to_class, logit_scale=self.logit_scale,
-            prob_thd=self.prob_thd, area_thd=self.area_thd, num_classes=self.num_classes,
-        )
-        return labels.cpu()
+        """Only the label map (H, W) int64 on the CPU (evaluation's fast path: the scores and
+        probabilities stay on the device)."""
+        return self._post(self._scores(_to_image(image), keep_image=False), None, None,
+                          KEEP)[0].cpu()
 
     def __repr__(self) -> str:
         p = self.params()

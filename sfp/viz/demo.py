@@ -1,4 +1,4 @@
-"""``sfp demo`` (``make demo``): the five analysis figure families on four images, one report.
+"""The demo report (``sfp demo``, ``make demo``): the analysis figure families on four images.
 
 It loads ViT-B/16 with pretrained weights when they are available (``$SFP_CHECKPOINT`` or the
 ``openai`` tag from the local cache / the network) and otherwise the planted-outlier model of
@@ -15,7 +15,6 @@ page), ``--synthetic`` (skip looking for weights), ``--model NAME``.
 
 from __future__ import annotations
 
-import argparse
 import html
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-__all__ = ["DEMO_IMAGES", "DEMO_TEMPLATES", "generated_scene", "register_cli", "run_demo"]
+__all__ = ["DEMO_IMAGES", "DEMO_TEMPLATES", "generated_scene", "run_demo"]
 
 #: The scikit-image photos the demo uses (bundled with scikit-image, no download).
 DEMO_IMAGES = ("astronaut", "chelsea", "coffee")
@@ -123,7 +122,7 @@ def _som_lines(rep: Any) -> list[str]:
     gh, gw = ab.grid
     idx = np.nonzero(ab.outliers.reshape(-1))[0]
     toks = ", ".join(f"#{i} (r{i // gw},c{i % gw})" for i in idx) or "none"
-    k = ab.columns.index("SFP (SOM+SAE+HAI)")
+    k = ab.columns.index("SFP")
     cos = ab.cosine(k, 0)
     flagged = ab.outliers.reshape(-1)
     lines = [
@@ -161,7 +160,7 @@ def run_demo(
     from tqdm.auto import tqdm
 
     from sfp.core.io import sample_images
-    from sfp.models.text import embed_queries
+    from sfp.seg.pipeline import embed_classes
     from sfp.viz.figures.export import IndexEntry, write_html_page, write_plotly_page
     from sfp.viz.figures.render import render_image, render_som_detections
     from sfp.viz.figures.views import image_view
@@ -190,7 +189,7 @@ def run_demo(
                dynamic_ncols=True)
 
     t = time.perf_counter()
-    queries = embed_queries(bundle, DEMO_CLASSES, list(DEMO_TEMPLATES))
+    queries = embed_classes(bundle, DEMO_CLASSES, list(DEMO_TEMPLATES))
     t_text = time.perf_counter() - t
     bar.update(1)
     text_lines = [
@@ -282,26 +281,3 @@ def run_demo(
     _say(stream)
     _say(stream, f"Done in {elapsed:.0f} s. Open {report.resolve()}")
     return report
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add the ``demo`` subcommand."""
-    p = subparsers.add_parser(
-        "demo", help="figures of attention outliers and SFP on four images -> report.html",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--out", default="demo_output", metavar="DIR",
-                   help="output folder (default demo_output)")
-    p.add_argument("--quick", action="store_true", help="one image, no interactive page")
-    p.add_argument("--synthetic", action="store_true",
-                   help="use the planted-outlier model without looking for weights")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model (default ViT-B-16)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    run_demo(args.out, quick=args.quick, model=args.model, synthetic=args.synthetic,
-             device=args.device, progress=not args.no_progress)
-    return 0

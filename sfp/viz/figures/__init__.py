@@ -32,7 +32,6 @@ from sfp.viz.figures.ablation import (
     stage_ablation,
     stage_ablation_data,
     stage_ablation_plotly,
-    stage_configs,
 )
 from sfp.viz.figures.agreement import (
     AgreementData,
@@ -116,7 +115,6 @@ __all__ = [
     "stage_ablation",
     "stage_ablation_data",
     "stage_ablation_plotly",
-    "stage_configs",
     "write_html_page",
     "write_plotly_page",
 ]

@@ -1,9 +1,9 @@
 """Stage ablation (paper Fig. 3): what each SFP stage does to the features and the labels.
 
-For one image crop and a class list, the columns are plain CLIP, then SFP with its stages
-switched on one after another through :class:`sfp.methods.config.SFPConfig` (``+SOM`` = ``sae=False,
-hai=False``; ``+SOM+SAE`` = ``hai=False``; ``SFP`` = all three), then any baselines of
-:func:`sfp.methods.encoders.make_encoder` (e.g. ``"sclip"``). Rows:
+For one image crop and a class list, the columns are the stage ladder of
+:mod:`sfp.methods.stages` (``CLIP``, ``+SOM``, ``+SOM+SAE``, ``SFP``: the same stages as the
+``StageComparison`` widget), then any baselines of :func:`sfp.methods.encoders.make_encoder`
+(e.g. ``"sclip"``). Rows:
 
 1. the feature map of each column: by default (``space="tokens"``) of its final patch tokens
    before ``ln_post`` (the residual stream, where outliers carry their massive norms; for SFP
@@ -13,9 +13,9 @@ hai=False``; ``+SOM+SAE`` = ``hai=False``; ``SFP`` = all three), then any baseli
    RGB on a basis shared by all columns. The outliers SOM finds (the full configuration's
    final set) are outlined in white in every column, so one sees them suppressed stage by
    stage;
-2. the segmentation of the crop from the same features (cosine logits with the text queries,
-   upsampled to the crop, :func:`sfp.seg.pipeline.postprocess`: softmax at ``logit_scale``, max
-   over synonyms) — one window, the crop itself, so feature map and labels match.
+2. the segmentation of the crop from the same features by
+   :meth:`sfp.seg.pipeline.Segmenter.segment_window` (the pipeline's window logits and
+   post-processing, the crop being its one window), so feature map and labels match.
 
 Paper Fig. 3 shows (a) the noisy feature with outliers (our CLIP column), (b) the feature
 purified by SOM (+SOM) and (c) the semantic feature with SAE (+SOM+SAE).
@@ -32,6 +32,11 @@ import torch
 from matplotlib.figure import Figure
 
 from sfp.core import forward
+from sfp.methods.encoders import make_encoder
+from sfp.methods.purify import SFPEncoder
+from sfp.methods.stages import stage_ladder
+from sfp.seg.benchmarks import BENCHMARKS
+from sfp.seg.pipeline import PALETTE, Segmenter
 from sfp.viz.figures import style
 from sfp.viz.figures.views import ImageView, image_view
 
@@ -40,28 +45,9 @@ __all__ = [
     "stage_ablation",
     "stage_ablation_data",
     "stage_ablation_plotly",
-    "stage_configs",
 ]
 
-_DISPLAY = {"clip": "CLIP", "maskclip": "MaskCLIP", "sclip": "SCLIP", "clearclip": "ClearCLIP",
-            "naclip": "NACLIP", "sfp": "SFP"}
-
 PAPER_REF = "paper Fig. 3 (with outliers / +SOM / +SAE), extended"
-
-
-def stage_configs(config: Any = None) -> list[tuple[str, Any]]:
-    """(column name, SFPConfig) of the stage switches, from ``config`` (default official):
-    ``+SOM`` (sae=False, hai=False), ``+SOM+SAE`` (hai=False), ``SFP (SOM+SAE+HAI)``."""
-    from sfp.methods.config import SFPConfig
-
-    cfg = SFPConfig.official() if config is None else config
-    if isinstance(cfg, str):
-        cfg = getattr(SFPConfig, cfg)()
-    return [
-        ("+SOM", cfg.replace(sae=False, hai=False)),
-        ("+SOM+SAE", cfg.replace(hai=False)),
-        ("SFP (SOM+SAE+HAI)", cfg),
-    ]
 
 
 @dataclass
@@ -117,11 +103,24 @@ class StageAblationData:
 
     def overlay(self, k: int, alpha: float = 0.55) -> np.ndarray:
         """Column k's labels blended over the crop with the VOC palette: (H', W', 3) float."""
-        from sfp.seg.pipeline import PALETTE
-
         h, w = self.labels.shape[1:]
         colours = PALETTE[self.labels[k] % 256].astype(np.float32) / 255.0
         return (1 - alpha) * self.image[:h, :w] + alpha * colours
+
+
+def _tokens_of(enc: Any, pixels: torch.Tensor, h_prev: torch.Tensor | None,
+               grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final patch tokens, patch features), each (1, N, .), of a baseline; only its block L
+    runs when h_{L-1} is given. An encoder without token access gives its features twice."""
+    if h_prev is not None and hasattr(enc, "last_block"):
+        block = forward.blocks_of(enc.visual)[enc.num_layers - 1]
+        t = enc.last_block(block, h_prev, grid)[:, 1:]
+    elif hasattr(enc, "encode_tokens"):
+        t = enc.encode_tokens(pixels)[:, 1:]
+    else:
+        f = enc.encode_patches(pixels)
+        return f, f
+    return t, forward.project_patches(enc.visual, t)
 
 
 def stage_ablation_data(
@@ -132,93 +131,62 @@ def stage_ablation_data(
     config: Any = None,
     baselines: Sequence[str] = (),
     templates: Any = None,
-    logit_scale: float = 40.0,
+    logit_scale: float | None = None,
     queries: Any = None,
     trace: Any = None,
 ) -> StageAblationData:
-    """Encode ``image`` with CLIP, the SFP stage switches and ``baselines``; segment it.
+    """Encode ``image`` with every stage of :func:`sfp.methods.stages.stage_ladder` and
+    ``baselines``; segment each with :class:`sfp.seg.pipeline.Segmenter`.
 
     image: an :class:`ImageView` or anything :func:`image_view` reads (224 crop). classes:
-    any class spec of :func:`sfp.models.text.parse_classes` (``"cat; dog; grass"``, ``"voc21"``).
-    config: the full SFP configuration (default ``SFPConfig.official()``; ``"paper"`` for
-    the paper preset). templates: prompt templates (None = the 80 OpenAI templates;
-    ``["a photo of a {}."]`` is much faster). queries: already embedded
-    :class:`sfp.models.text.Queries` to reuse (then classes/templates are not embedded again).
-    trace: a :class:`sfp.core.probe.Trace` of this image with hidden states at layers L-1 and L;
-    CLIP's tokens are then its h_L, and each baseline only runs its own block L on h_{L-1}
-    (same numbers, one forward instead of one per column).
+    any class spec of :class:`~sfp.seg.pipeline.Segmenter` (``"cat; dog; grass"``,
+    ``"voc21"``). config: the full SFP configuration (default ``SFPConfig.official()``; a
+    preset name works too). templates: prompt templates (None = the 80 OpenAI templates;
+    ``"simple"`` is much faster). logit_scale: None = the benchmark's (for a benchmark
+    name) or the default. queries: already embedded :class:`sfp.models.text.Queries` to
+    reuse. trace: a :class:`sfp.core.probe.Trace` of this image with hidden states at layers
+    L-1 and L; CLIP's tokens are then its h_L, and each baseline only runs its own block L on
+    h_{L-1} (same numbers, one forward instead of one per column).
     """
-    from sfp.methods.encoders import make_encoder
-    from sfp.methods.purify import SFPEncoder
-    from sfp.models.text import embed_queries
-    from sfp.seg.pipeline import postprocess, window_logits
-
     view = image if isinstance(image, ImageView) else image_view(bundle, image)
     pixels = view.pixels
-    if queries is None:
-        queries = embed_queries(bundle, classes, templates)
-    names: list[str] = ["CLIP"]
-    toks: list[torch.Tensor] = []
-    feats: list[torch.Tensor] = []
-    visual = bundle.visual
+    seg = _segmenter(bundle, classes, templates, logit_scale, queries)
     clip = make_encoder(bundle, "clip")
     last = bundle.num_layers
-    h_prev = None
-    if trace is not None:
-        h_prev = trace.hidden(last - 1).to(bundle.dtype)
+    grid = clip.grid(pixels)
+    h_prev = trace.hidden(last - 1).to(bundle.dtype) if trace is not None else None
+    names, toks, feats = [], [], []
+    mask, full_cfg, detect_layer = None, None, 0
     with torch.no_grad():
-        if trace is not None:
-            t = trace.hidden(last)[:, 1:].to(bundle.dtype)
-        else:
-            t = clip.encode_tokens(pixels)[:, 1:]  # type: ignore[attr-defined]
-        toks.append(t[0])
-        feats.append(forward.project_patches(visual, t)[0])
-        grid = clip.grid(pixels)
-        mask = None
-        full_cfg = None
-        detect_layer = 0
-        for name, cfg in stage_configs(config):
-            st = SFPEncoder(bundle, cfg).stages(pixels)
-            toks.append(st.x_final[0])
-            feats.append(st.features[0])
+        for name, method, cfg in stage_ladder(config):
+            if method == "clip":
+                t = trace.hidden(last)[:, 1:].to(bundle.dtype) if trace is not None else \
+                    clip.encode_tokens(pixels)[:, 1:]
+                f = forward.project_patches(bundle.visual, t)
+            else:
+                st = SFPEncoder(bundle, cfg).stages(pixels)
+                t, f = st.x_final, st.features
+                mask, full_cfg, detect_layer = st.mask[0], cfg, st.config.detect_layer
             names.append(name)
-            mask, full_cfg, detect_layer = st.mask[0], cfg, st.config.detect_layer
+            toks.append(t[0])
+            feats.append(f[0])
         for method in baselines:
             enc = make_encoder(bundle, method)
-            if h_prev is not None and hasattr(enc, "last_block"):
-                block = forward.blocks_of(visual)[last - 1]
-                t = enc.last_block(block, h_prev, grid)[:, 1:]
-                toks.append(t[0])
-                feats.append(forward.project_patches(visual, t)[0])
-            elif hasattr(enc, "encode_tokens"):
-                t = enc.encode_tokens(pixels)[:, 1:]
-                toks.append(t[0])
-                feats.append(forward.project_patches(visual, t)[0])
-            else:  # an encoder without token access: its features stand in for both
-                f = enc.encode_patches(pixels)[0]
-                toks.append(f)
-                feats.append(f)
-            names.append(_DISPLAY.get(method.lower(), method))
-    gh, gw = grid
-    p = bundle.patch_size
-    size = (gh * p, gw * p)
-    labels = []
-    for f in feats:
-        logits = window_logits(f[None], queries.embeddings, grid, size)[0]
-        lab, _ = postprocess(logits, queries.query_to_class, logit_scale=logit_scale,
-                             num_classes=queries.num_classes)
-        labels.append(style.to_numpy(lab))
+            t, f = _tokens_of(enc, pixels, h_prev, grid)
+            toks.append(t[0])
+            feats.append(f[0])
+            names.append(enc.display)
+    rgb8 = (np.clip(view.rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+    labels = [style.to_numpy(seg.segment_window(f, grid, rgb8).labels) for f in feats]
     assert mask is not None
-    class_names = list(queries.class_names)
-    if isinstance(classes, str) and _has_background(classes):
-        class_names[0] = "background"
+    gh, gw = grid
     return StageAblationData(
         columns=names,
         tokens=np.stack([style.to_numpy(t.float()) for t in toks]).astype(np.float32),
         features=np.stack([style.to_numpy(f.float()) for f in feats]).astype(np.float32),
         labels=np.stack(labels).astype(np.int64),
         outliers=style.to_numpy(mask).astype(bool).reshape(grid),
-        class_names=class_names,
+        class_names=list(seg.class_names),
         grid=(int(gh), int(gw)),
         image=view.rgb,
         name=view.name,
@@ -226,21 +194,19 @@ def stage_ablation_data(
         is_synthetic=bundle.is_synthetic,
         config=repr(full_cfg),
         detect_layer=int(detect_layer),
-        meta={"logit_scale": logit_scale},
+        meta={"logit_scale": seg.logit_scale},
     )
 
 
-def _has_background(spec: str) -> bool:
-    """Whether ``spec`` names a benchmark whose class 0 is a background class (its first
-    line lists stuff names; it is displayed as "background", as :class:`Segmenter` does)."""
-    from sfp.seg.pipeline import BENCHMARK_PRESETS
-
-    key = spec.lower().replace("-", "_")
-    if key not in BENCHMARK_PRESETS:
-        return False
-    from sfp.seg.datasets import get_spec
-
-    return bool(get_spec(key).has_background)
+def _segmenter(bundle: Any, classes: Any, templates: Any, logit_scale: float | None,
+               queries: Any) -> Segmenter:
+    """The pipeline that labels every column: the benchmark's settings for a benchmark."""
+    kw: dict[str, Any] = {"templates": templates, "queries": queries, "method": "clip"}
+    if logit_scale is not None:
+        kw["logit_scale"] = logit_scale
+    if isinstance(classes, str) and classes in BENCHMARKS:
+        return Segmenter.for_benchmark(bundle, classes, **kw)
+    return Segmenter(bundle, classes, **kw)
 
 
 def _title(d: StageAblationData) -> str:
@@ -270,8 +236,6 @@ def stage_ablation(data: StageAblationData, *, mode: str = "norm",
     pca = d.pca_maps(space) if mode == "pca" else None
     what = "final tokens (before ln_post)" if space == "tokens" else "features (ln_post, proj)"
     from matplotlib.patches import Patch
-
-    from sfp.seg.pipeline import PALETTE
 
     with style.figure_style():
         fig = style.new_figure((img_w + (0.75 if mode == "norm" else 0.1)) * (k + 1) + 0.8,

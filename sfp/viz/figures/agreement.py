@@ -4,7 +4,7 @@ For detectors a and b at layer l, J = |F_a ∩ F_b| / |F_a ∪ F_b| over the fla
 one image (undefined, shown blank, when neither flags anything), averaged over the images of
 the trace where it is defined. SOM reads attention, the others hidden states (l2 and norm_z
 norms, lof neighbourhoods), so high agreement means the attention sinks are also the
-high-norm tokens — what the paper's outlier analysis (and DESIGN.md §4's alternative
+high-norm tokens — what the paper's outlier analysis (and the design notes' alternative
 detectors) presume.
 
 :func:`detector_agreement` draws one annotated Jaccard matrix per chosen layer and, below,

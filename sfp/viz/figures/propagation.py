@@ -11,7 +11,7 @@
     layer m > l (outliers that appear tend to stay).
 
 :func:`norm_maps` draws the per-layer patch-norm maps as small multiples on one shared
-logarithmic colour scale (DESIGN.md §6: "a few tokens acquire very large norms from a middle
+logarithmic colour scale (the planted model's premise: "a few tokens acquire very large norms from a middle
 layer on").
 """
 

@@ -179,7 +179,7 @@ def render_image(
     ab = ab_mod.stage_ablation_data(bundle, view, classes, config=config, baselines=baselines,
                                     queries=queries, trace=trace)
     rep.ablation = ab
-    k_sfp = ab.columns.index("SFP (SOM+SAE+HAI)")
+    k_sfp = ab.columns.index("SFP")
     cos = ab.cosine(k_sfp, 0)
     flagged = ab.outliers.reshape(-1)
     cos_text = f"mean cosine similarity of SFP's and CLIP's patch features {cos.mean():.2f}"

@@ -17,7 +17,7 @@ See ``docs/widgets.md``.
 from sfp.viz.widgets._common import SYNTHETIC_LABEL, SFPWidget
 from sfp.viz.widgets.explorer import MAPS, OutlierExplorer
 from sfp.viz.widgets.propagation import PropagationView
-from sfp.viz.widgets.stages import StageComparison, stage_configs
+from sfp.viz.widgets.stages import StageComparison
 from sfp.viz.widgets.tuner import ThresholdTuner
 
 __all__ = [
@@ -28,5 +28,4 @@ __all__ = [
     "SFPWidget",
     "StageComparison",
     "ThresholdTuner",
-    "stage_configs",
 ]

@@ -12,10 +12,11 @@ the figure and displaying the container would then be missing (plotly/plotly.py#
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
@@ -27,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sfp.core.registry import Param
 from sfp.models.loading import OPENAI_MEAN, OPENAI_STD
 from sfp.models.synthetic import SYNTHETIC_LABEL
+from sfp.seg.benchmarks import Settings
 
 __all__ = [
     "SYNTHETIC_LABEL",
@@ -55,27 +58,17 @@ __all__ = [
 
 
 def is_synthetic(obj: Any) -> bool:
-    """True for a bundle or trace made by :mod:`sfp.models.synthetic` (weights with planted outliers)."""
-    flag = getattr(obj, "is_synthetic", None)
-    if isinstance(flag, bool):
-        return flag
-    return str(getattr(obj, "pretrained", "")).startswith("synthetic")
+    """True for a bundle or trace of the planted-outlier model (its ``provenance``)."""
+    return getattr(obj, "provenance", None) == "synthetic"
 
 
 def describe_source(obj: Any) -> str:
-    """Human label of the model behind a bundle or trace, e.g. ``"ViT-B-16 / openai"``.
-
-    Synthetic models always carry the words "synthetic (planted outliers)"; random weights
-    say so too.
-    """
+    """Human label of the model behind a bundle or trace, e.g. ``"ViT-B-16 / openai"``,
+    followed by its caveat ("synthetic (planted outliers)", "random weights ...") if any."""
     label = str(getattr(obj, "label", None) or getattr(obj, "name", "model"))
-    if is_synthetic(obj) and SYNTHETIC_LABEL not in label:
-        label = f"{label} — {SYNTHETIC_LABEL}"
-    pretrained = getattr(obj, "pretrained", None)
-    if pretrained is None:
-        pretrained = getattr(obj, "meta", {}).get("pretrained")
-    if pretrained == "random" and "random" not in label:
-        label = f"{label} (random weights)"
+    caveat = getattr(obj, "caveat", None)
+    if caveat and caveat not in label:
+        label = f"{label} — {caveat}"
     return label
 
 
@@ -268,8 +261,9 @@ class SFPWidget(widgets.VBox):
         return super()._repr_mimebundle_(**kwargs)
 
     def save_html(self, path: str, **kwargs: Any) -> str:
-        """Write :meth:`to_figure` as a standalone HTML file; returns the path."""
-        self.to_figure().write_html(path, include_plotlyjs="cdn", **kwargs)
+        """Write :meth:`to_figure` as a standalone HTML file that works offline (plotly.js is
+        inlined; nothing is loaded from the network); returns the path."""
+        self.to_figure().write_html(path, include_plotlyjs=True, **kwargs)
         return path
 
 
@@ -308,3 +302,40 @@ def html_escape(text: str) -> str:
     return (
         str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     )
+
+
+#: Segmentation settings of the widgets: the released protocol's, with a 224 px short side
+#: (one 224 crop for a square image: interactive speed on a CPU).
+WIDGET_SETTINGS = Settings(short_side=224)
+
+
+def widget_settings(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
+    """``settings`` (default :data:`WIDGET_SETTINGS`) with ``overrides`` (its field names:
+    short_side, crop, stride, logit_scale, prob_thd, area_thd, max_long_side) applied."""
+    base = WIDGET_SETTINGS if settings is None else settings
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Settings)})
+    if unknown:
+        fields = ", ".join(f.name for f in dataclasses.fields(Settings))
+        raise TypeError(f"unknown segmentation setting(s) {unknown}; settings are {fields}.")
+    return dataclasses.replace(base, **overrides)
+
+
+#: Keyword arguments every slider shares: update on release, long descriptions fit.
+SLIDER_KW: dict[str, Any] = {"continuous_update": False,
+                             "style": {"description_width": "initial"}}
+
+
+def param_slider(param: Param, value: Any, description: str | None = None, *,
+                 low: float | None = None, high: float | None = None) -> widgets.Widget:
+    """A slider (or dropdown, for a choice) for a registered parameter, with the range the
+    registry gives it; ``low`` / ``high`` narrow or widen that range."""
+    desc = description or param.name
+    if param.choices is not None:
+        return widgets.Dropdown(options=list(param.choices), value=value, description=desc)
+    lo = param.low if low is None else low
+    hi = param.high if high is None else high
+    if isinstance(param.default, int) and not isinstance(param.default, bool):
+        return widgets.IntSlider(value=int(value), min=int(lo), max=int(hi),
+                                 step=int(param.step or 1), description=desc, **SLIDER_KW)
+    return widgets.FloatSlider(value=float(value), min=lo, max=hi, step=param.step or 0.01,
+                               description=desc, **SLIDER_KW)

@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 import torch
 
 from sfp.core.outliers import (
+    DETECTORS,
     MissingInputError,
     OutlierResult,
     available_detectors,
@@ -40,6 +41,7 @@ from sfp.viz.widgets._common import (
     display_image,
     html_escape,
     image_axes,
+    param_slider,
     patch_at,
     patch_centers,
     png_data_uri,
@@ -47,7 +49,7 @@ from sfp.viz.widgets._common import (
     trace_geometry,
 )
 
-__all__ = ["MAPS", "OutlierExplorer", "PARAMETERS", "layer_slider_for", "truth_vector"]
+__all__ = ["MAPS", "OutlierExplorer", "layer_slider_for", "truth_vector"]
 
 #: Map key -> label shown in the map dropdown.
 MAPS: dict[str, str] = {
@@ -63,13 +65,8 @@ _PATCH_MAPS = ("from_patch", "to_patch")
 
 #: Detector parameter -> (widget attribute, label). A detector gets the sliders whose name is
 #: one of its keyword parameters.
-PARAMETERS: dict[str, tuple[str, str]] = {
-    "top_k": ("top_k_slider", "top_k"),
-    "cls_scale": ("cls_scale_slider", "cls_scale"),
-    "n_neighbors": ("n_neighbors_slider", "neighbours"),
-    "contamination": ("contamination_slider", "contamination"),
-    "threshold": ("threshold_slider", "threshold"),
-}
+#: Short labels of detector parameters (the name itself otherwise).
+_PARAM_LABELS = {"n_neighbors": "neighbours", "threshold": "threshold (z)"}
 
 _FLAG_COLOR = "#ff2d2d"
 _TRUTH_COLOR = "#00e5ff"
@@ -181,23 +178,7 @@ class OutlierExplorer(SFPWidget):
             raise ValueError(f"detector must be one of {usable} for this trace, got {detector!r}")
         self.detector_dropdown = widgets.Dropdown(options=usable, value=detector,
                                                   description="detector")
-        style = {"description_width": "initial"}
-        self.top_k_slider = widgets.IntSlider(value=min(10, n), min=1, max=min(50, n),
-                                              description="top_k", style=style,
-                                              continuous_update=False)
-        self.cls_scale_slider = widgets.FloatSlider(value=1.5, min=0.1, max=5.0, step=0.05,
-                                                    description="cls_scale", style=style,
-                                                    continuous_update=False)
-        self.n_neighbors_slider = widgets.IntSlider(value=min(30, n - 1), min=1,
-                                                    max=max(1, min(60, n - 1)),
-                                                    description="neighbours", style=style,
-                                                    continuous_update=False)
-        self.contamination_slider = widgets.FloatSlider(value=0.05, min=0.01, max=0.5,
-                                                        step=0.01, description="contamination",
-                                                        style=style, continuous_update=False)
-        self.threshold_slider = widgets.FloatSlider(value=3.5, min=0.0, max=20.0, step=0.1,
-                                                    description="threshold (z)", style=style,
-                                                    continuous_update=False)
+        self.param_sliders = self._make_param_sliders(n)
         self.show_flags_checkbox = widgets.Checkbox(value=True, description="mark flagged tokens")
         self.log_checkbox = widgets.Checkbox(value=False, description="log10 colour scale")
         self.opacity_slider = widgets.FloatSlider(
@@ -222,13 +203,12 @@ class OutlierExplorer(SFPWidget):
             traces["image"].on_click(self._on_click)
 
         for w in (self.layer_slider, self.head_dropdown, self.map_dropdown,
-                  self.detector_dropdown, self.top_k_slider, self.cls_scale_slider,
-                  self.n_neighbors_slider, self.contamination_slider, self.threshold_slider,
+                  self.detector_dropdown, *self.param_sliders.values(),
                   self.show_flags_checkbox, self.log_checkbox, self.opacity_slider):
             w.observe(self._on_change, names="value")
 
         title = widgets.HTML(f"<b>{html_escape(describe_source(trace))}</b>")
-        self.param_box = widgets.VBox([getattr(self, a) for a, _ in PARAMETERS.values()])
+        self.param_box = widgets.VBox(list(self.param_sliders.values()))
         controls = widgets.VBox(
             [self.layer_slider, self.head_dropdown, self.map_dropdown, self.detector_dropdown,
              self.param_box, self.show_flags_checkbox, self.log_checkbox, self.opacity_slider],
@@ -249,6 +229,21 @@ class OutlierExplorer(SFPWidget):
         h = int(self.head_dropdown.value)
         return None if h < 0 else h
 
+    def _make_param_sliders(self, n: int) -> dict[str, widgets.Widget]:
+        """One slider per numeric detector parameter of :data:`DETECTORS` (``<name>_slider``
+        attributes), ranges from the registry, capped by the N = ``n`` patch tokens."""
+        out: dict[str, widgets.Widget] = {}
+        for entry in DETECTORS.entries():
+            for p in entry.params:
+                if p.name in out or p.choices is not None or p.low is None:
+                    continue
+                cap = {"top_k": n, "n_neighbors": max(1, n - 1)}.get(p.name)
+                high = p.high if cap is None else min(p.high, cap)
+                value = p.default if cap is None else min(p.default, cap)
+                out[p.name] = param_slider(p, value, _PARAM_LABELS.get(p.name), high=high)
+                setattr(self, f"{p.name}_slider", out[p.name])
+        return out
+
     def _detector_usable(self, name: str) -> bool:
         needs = get_detector(name).needs
         return self.has_attention if needs == "attention" else self.has_hidden
@@ -257,11 +252,7 @@ class OutlierExplorer(SFPWidget):
         """Keyword arguments the current detector gets from the sliders."""
         fn = get_detector(self.detector_dropdown.value).fn
         accepted = inspect.signature(fn).parameters
-        return {
-            name: getattr(self, attr).value
-            for name, (attr, _) in PARAMETERS.items()
-            if name in accepted
-        }
+        return {name: w.value for name, w in self.param_sliders.items() if name in accepted}
 
     def current_result(self) -> OutlierResult | None:
         """The detector's result on the current layer (None when it cannot run).
@@ -379,8 +370,8 @@ class OutlierExplorer(SFPWidget):
         key = self.map_dropdown.value
         self.head_dropdown.disabled = key in ("norm", "score")
         accepted = inspect.signature(get_detector(self.detector_dropdown.value).fn).parameters
-        for name, (attr, _) in PARAMETERS.items():
-            getattr(self, attr).layout.display = "" if name in accepted else "none"
+        for name, w in self.param_sliders.items():
+            w.layout.display = "" if name in accepted else "none"
 
         z = self.current_map()
         shown = z

@@ -1,17 +1,11 @@
-"""``StageComparison``: segmentations of CLIP, +SOM, +SAE and full SFP side by side.
+"""``StageComparison``: segmentations of CLIP, +SOM, +SOM+SAE and full SFP side by side.
 
 >>> StageComparison(bundle, "astronaut.png", "person; rocket; sky; grass")
 
 Each panel segments the same image with :class:`sfp.seg.pipeline.Segmenter` (sliding windows,
-post-processing) and one encoder. The default stages switch SFP's parts on one at a time
-(:func:`stage_configs`):
-
-- ``CLIP``: the plain CLIP patch tokens (``make_encoder(bundle, "clip")``);
-- ``+SOM``: outlier tokens of block L-1 replaced by their neighbours' mean, then the standard
-  block L (``sae=False, hai=False``, no similarity aggregation);
-- ``+SAE``: SOM, the reference/post similarity aggregation and the attention enhancer in place
-  of block L (``hai=False``);
-- ``SFP``: the full configuration (default ``SFPConfig.official()``).
+post-processing) and one encoder. The default panels are the stage ladder of
+:mod:`sfp.methods.stages` (``CLIP``, ``+SOM``, ``+SOM+SAE``, ``SFP``), the same stages the
+stage-ablation figure shows.
 
 Baselines (``"sclip"``, ``"naclip"``, ...) can be added with ``baselines=`` or the
 ``baselines_select`` control. The tokens SFP's detector flags (computed per sliding window on
@@ -30,17 +24,13 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from sfp.core.io import load_image, normalize
+from sfp.core.io import load_image
 from sfp.methods.config import SFPConfig
 from sfp.methods.encoders import available_methods
 from sfp.methods.purify import SFPEncoder
-from sfp.seg.pipeline import (
-    Segmentation,
-    Segmenter,
-    inference_size,
-    resize_image,
-    slide_windows,
-)
+from sfp.methods.stages import stage_ladder
+from sfp.seg.benchmarks import Settings
+from sfp.seg.pipeline import Segmentation, Segmenter
 from sfp.viz.widgets._common import (
     SFPWidget,
     colorize_labels,
@@ -50,24 +40,13 @@ from sfp.viz.widgets._common import (
     png_data_uri,
     static_copy,
     stopwatch,
+    widget_settings,
 )
 
-__all__ = ["StageComparison", "stage_configs", "legend_html"]
+__all__ = ["StageComparison", "legend_html"]
 
 StageSpec = tuple[str, Any]
 """``(method, config)`` as :class:`sfp.seg.pipeline.Segmenter` takes them."""
-
-
-def stage_configs(config: SFPConfig | None = None) -> dict[str, StageSpec]:
-    """The default stages, in order: name -> (method, config) (see the module docstring)."""
-    base = SFPConfig.official() if config is None else config
-    return {
-        "CLIP": ("clip", None),
-        "+SOM": ("sfp", base.replace(sae=False, hai=False, pre_aggregate=False,
-                                     post_aggregate=False)),
-        "+SAE": ("sfp", base.replace(hai=False)),
-        "SFP": ("sfp", base),
-    }
 
 
 def legend_html(class_names: Sequence[str], colors: np.ndarray, present: Sequence[int],
@@ -90,15 +69,19 @@ class StageComparison(SFPWidget):
     """Side-by-side segmentations of SFP's stages (and chosen baselines) on one image.
 
     Args:
-        bundle: the model (:func:`sfp.models.loading.load_model` or :func:`sfp.models.synthetic.planted_model`).
+        bundle: the model (:func:`sfp.models.loading.load_model` or
+            :func:`sfp.models.synthetic.planted_model`).
         image: a path, PIL image, (H, W, 3) array or (3, H, W) tensor in [0, 1].
         classes: anything :class:`sfp.seg.pipeline.Segmenter` takes (``"cat; dog; grass"``, ...).
         config: the full SFP configuration the stages are derived from (default official).
-        stages: name -> (method, config); default :func:`stage_configs` of ``config``.
+        stages: name -> (method, config); default the stage ladder of ``config``
+            (:func:`sfp.methods.stages.stage_ladder`).
         baselines: extra encoder methods to show (e.g. ``("sclip", "naclip")``).
-        templates, short_side, logit_scale, prob_thd, area_thd, crop, stride: passed to every
-            Segmenter (``templates="simple"`` by default: one prompt per name, fast; use None
-            for the 80 OpenAI templates).
+        templates: prompt templates of every panel's Segmenter (``"simple"``: one prompt per
+            name, fast; None for the 80 OpenAI templates).
+        settings: segmentation settings (default :data:`~sfp.viz.widgets._common.WIDGET_SETTINGS`:
+            the released protocol with a 224 px short side); ``**overrides`` change single
+            fields (``short_side=336``, ``logit_scale=50``, ...).
         panel_size: width of one panel in screen pixels.
     """
 
@@ -112,22 +95,18 @@ class StageComparison(SFPWidget):
         stages: Mapping[str, StageSpec] | None = None,
         baselines: Sequence[str] = (),
         templates: Any = "simple",
-        short_side: int | None = 224,
-        logit_scale: float = 40.0,
-        prob_thd: float = 0.0,
-        area_thd: float | None = None,
-        crop: int = 224,
-        stride: int = 112,
+        settings: Settings | None = None,
         panel_size: int = 240,
+        **overrides: Any,
     ) -> None:
         super().__init__()
         self.bundle = bundle
         self.config = SFPConfig.official() if config is None else config
-        self.stages: dict[str, StageSpec] = dict(stages or stage_configs(self.config))
-        self.seg_kwargs: dict[str, Any] = dict(
-            templates=templates, short_side=short_side, logit_scale=logit_scale,
-            prob_thd=prob_thd, area_thd=area_thd, crop=crop, stride=stride,
-        )
+        self.stages: dict[str, StageSpec] = dict(stages) if stages else {
+            name: (method, cfg) for name, method, cfg in stage_ladder(self.config)}
+        self.settings = widget_settings(settings, overrides)
+        self.seg_kwargs: dict[str, Any] = {"templates": templates,
+                                           **self.settings.as_kwargs()}
         self.classes = classes
         self.image = load_image(image)  # (3, H, W) in [0, 1]
         self.image_rgb = (self.image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
@@ -197,25 +176,23 @@ class StageComparison(SFPWidget):
 
     def _find_outliers(self) -> tuple[np.ndarray, tuple[float, float]]:
         """Centres (K, 2) x, y in original-image pixels of the patches SFP's detector flags,
-        over all sliding windows, and the patch size (h, w) in original pixels."""
-        kw = self.seg_kwargs
-        h0, w0 = self.image.shape[-2:]
+        over the Segmenter's sliding windows, and the patch size (h, w) in original pixels."""
         if not self.config.som:
             return np.zeros((0, 2)), (1.0, 1.0)
-        h, w = inference_size(h0, w0, kw["short_side"], 2048)
-        x = normalize(resize_image(self.image, (h, w)), self.bundle).to(
-            device=self.bundle.device, dtype=self.bundle.dtype)
+        seg = self.segmenter(next(n for n, (m, _) in self.stages.items() if m == "sfp"))
+        prep = seg.prepare(self.image)
+        h, w = prep.pixels.shape[-2:]
+        sy, sx = prep.size[0] / h, prep.size[1] / w
         encoder = SFPEncoder(self.bundle, self.config)
-        sy, sx = h0 / h, w0 / w
         p = self.bundle.patch_size
         points: list[tuple[float, float]] = []
         with torch.no_grad():
-            for y0, x0, y1, x1 in slide_windows(h, w, kw["crop"], kw["stride"]):
-                st = encoder.stages(x[None, :, y0:y1, x0:x1])
-                gw = st.grid[1]
-                for i in st.indices[0].tolist():
-                    r, c = divmod(i, gw)
-                    points.append(((x0 + (c + 0.5) * p) * sx, (y0 + (r + 0.5) * p) * sy))
+            for crops, windows in prep.batches(seg.batch_size):
+                st = encoder.stages(crops)
+                for idx, (y0, x0, _, _) in zip(st.indices, windows, strict=True):
+                    for i in idx.tolist():
+                        r, c = divmod(i, st.grid[1])
+                        points.append(((x0 + (c + 0.5) * p) * sx, (y0 + (r + 0.5) * p) * sy))
         pts = np.unique(np.round(np.asarray(points, dtype=np.float64), 3), axis=0) if points \
             else np.zeros((0, 2))
         return pts, (p * sy, p * sx)

@@ -36,20 +36,24 @@ import torch
 from plotly.subplots import make_subplots
 
 from sfp.core.io import load_image
-from sfp.core.outliers import available_detectors
+from sfp.core.outliers import DETECTORS, available_detectors
 from sfp.methods.config import ConfigError, SFPConfig
+from sfp.seg.benchmarks import Settings
 from sfp.seg.metrics import ConfusionAccumulator, SegMetrics
 from sfp.seg.pipeline import Segmentation, SegmentationScores, Segmenter
 from sfp.viz.widgets._common import (
+    SLIDER_KW,
     SFPWidget,
     colorize_labels,
     describe_source,
     html_escape,
     label_colors,
+    param_slider,
     png_data_uri,
     static_copy,
     stopwatch,
     torch_threads,
+    widget_settings,
 )
 from sfp.viz.widgets.stages import legend_html
 
@@ -79,12 +83,12 @@ class ThresholdTuner(SFPWidget):
             per image at the image's own resolution (a list, or a dict with the same keys).
         config: the SFP configuration to start from (default ``SFPConfig.official()``).
         templates: prompt templates (default ``"simple"``: one per name; None = 80 OpenAI).
-        short_side: inference resize (default 224 = one 224 crop for square images: fast;
-            the benchmarks use 336).
-        logit_scale, prob_thd, area_thd: initial post-processing values.
-        crop, stride: sliding windows.
+        settings: segmentation settings (default :data:`~sfp.viz.widgets._common.WIDGET_SETTINGS`:
+            the released protocol with a 224 px short side, one crop for a square image);
+            its logit_scale, prob_thd and area_thd are the sliders' initial values.
         cache_size: configurations whose logits are kept.
         panel_size: width of one image panel in screen pixels.
+        **overrides: single settings fields (``short_side=336``, ``logit_scale=50``, ...).
     """
 
     def __init__(
@@ -96,14 +100,10 @@ class ThresholdTuner(SFPWidget):
         *,
         config: SFPConfig | None = None,
         templates: Any = "simple",
-        short_side: int | None = 224,
-        logit_scale: float = 40.0,
-        prob_thd: float = 0.0,
-        area_thd: float | None = None,
-        crop: int = 224,
-        stride: int = 112,
+        settings: Settings | None = None,
         cache_size: int = 16,
         panel_size: int = 240,
+        **overrides: Any,
     ) -> None:
         super().__init__()
         self.bundle = bundle
@@ -115,8 +115,11 @@ class ThresholdTuner(SFPWidget):
             (im.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8) for im in self.images
         ]
         self.masks = self._check_masks(masks)
-        self.seg_kwargs: dict[str, Any] = dict(templates=templates, short_side=short_side,
-                                               crop=crop, stride=stride)
+        self.settings = widget_settings(settings, overrides)
+        st = self.settings
+        self.seg_kwargs: dict[str, Any] = dict(templates=templates, short_side=st.short_side,
+                                               crop=st.crop, stride=st.stride,
+                                               max_long_side=st.max_long_side)
         self.cache_size = int(cache_size)
         self.panel_size = int(panel_size)
         self._cache: OrderedDict[SFPConfig, list[SegmentationScores]] = OrderedDict()
@@ -133,32 +136,7 @@ class ThresholdTuner(SFPWidget):
             for m in self.masks:
                 self._gt_present.update(int(v) for v in np.unique(m) if v != 255)
 
-        cfg = self.base_config
-        style = {"description_width": "initial"}
-        slider = dict(continuous_update=False, style=style)
-        self.detector_dropdown = widgets.Dropdown(options=available_detectors(),
-                                                  value=cfg.detector, description="detector")
-        self.top_k_slider = widgets.IntSlider(value=0 if cfg.top_k is None else cfg.top_k,
-                                              min=0, max=50, description="top_k (0 = no limit)",
-                                              **slider)
-        self.cls_scale_slider = widgets.FloatSlider(value=cfg.cls_scale, min=0.1, max=5.0,
-                                                    step=0.05, description="cls_scale", **slider)
-        self.sim_threshold_slider = widgets.FloatSlider(value=cfg.sim_threshold, min=0.0,
-                                                        max=1.0, step=0.02,
-                                                        description="sim_threshold", **slider)
-        self.res_cls_slider = widgets.FloatSlider(value=cfg.res_cls, min=0.0, max=1.0, step=0.02,
-                                                  description="res_cls (λ)", **slider)
-        self.couple_checkbox = widgets.Checkbox(value=False, indent=False,
-                                                description="couple cls_scale = 5 × res_cls",
-                                                layout=widgets.Layout(width="auto"))
-        self.logit_scale_slider = widgets.FloatSlider(value=logit_scale, min=1.0, max=100.0,
-                                                      step=1.0, description="logit_scale",
-                                                      **slider)
-        self.prob_thd_slider = widgets.FloatSlider(value=prob_thd, min=0.0, max=1.0, step=0.01,
-                                                   description="prob_thd", **slider)
-        self.area_thd_slider = widgets.FloatSlider(value=area_thd or 0.0, min=0.0, max=0.5,
-                                                   step=0.01, description="area_thd (0 = off)",
-                                                   **slider)
+        self._make_sliders()
         self.copy_button = widgets.Button(description="copy config", icon="copy",
                                           tooltip="print the SFPConfig / Segmenter call")
         self.code_output = widgets.Output()
@@ -174,8 +152,39 @@ class ThresholdTuner(SFPWidget):
             getattr(self, name).observe(self._on_post_change, names="value")
         self.copy_button.on_click(lambda _b: self.print_config())
 
-        title = widgets.HTML(f"<b>{html_escape(describe_source(bundle))}</b> — SFP threshold "
-                             "tuner")
+        self.children = self._layout()
+        self.add_class("sfp-threshold-tuner")
+        self.update(encoder=True)
+
+    def _make_sliders(self) -> None:
+        """The encoder- and post-processing-level controls, ranges from the registries."""
+        cfg, st = self.base_config, self.settings
+        som = DETECTORS.get("som")
+        self.detector_dropdown = widgets.Dropdown(options=available_detectors(),
+                                                  value=cfg.detector, description="detector")
+        self.top_k_slider = param_slider(som.param("top_k"), 0 if cfg.top_k is None else cfg.top_k,
+                                         "top_k (0 = no limit)", low=0)
+        self.cls_scale_slider = param_slider(som.param("cls_scale"), cfg.cls_scale)
+        self.sim_threshold_slider = widgets.FloatSlider(value=cfg.sim_threshold, min=0.0,
+                                                        max=1.0, step=0.02,
+                                                        description="sim_threshold", **SLIDER_KW)
+        self.res_cls_slider = widgets.FloatSlider(value=cfg.res_cls, min=0.0, max=1.0, step=0.02,
+                                                  description="res_cls (λ)", **SLIDER_KW)
+        self.couple_checkbox = widgets.Checkbox(value=False, indent=False,
+                                                description="couple cls_scale = 5 × res_cls",
+                                                layout=widgets.Layout(width="auto"))
+        self.logit_scale_slider = widgets.FloatSlider(value=st.logit_scale, min=1.0, max=100.0,
+                                                      step=1.0, description="logit_scale",
+                                                      **SLIDER_KW)
+        self.prob_thd_slider = widgets.FloatSlider(value=st.prob_thd, min=0.0, max=1.0,
+                                                   step=0.01, description="prob_thd", **SLIDER_KW)
+        self.area_thd_slider = widgets.FloatSlider(value=st.area_thd or 0.0, min=0.0, max=0.5,
+                                                   step=0.01, description="area_thd (0 = off)",
+                                                   **SLIDER_KW)
+
+    def _layout(self) -> list[widgets.Widget]:
+        title = widgets.HTML(f"<b>{html_escape(describe_source(self.bundle))}</b> — SFP "
+                             "threshold tuner")
         enc_box = widgets.VBox([widgets.HTML("<b>encoder</b> (re-encodes)"),
                                 self.detector_dropdown, self.top_k_slider,
                                 self.cls_scale_slider, self.sim_threshold_slider,
@@ -183,10 +192,8 @@ class ThresholdTuner(SFPWidget):
         post_box = widgets.VBox([widgets.HTML("<b>post-processing</b> (cached logits)"),
                                  self.logit_scale_slider, self.prob_thd_slider,
                                  self.area_thd_slider, self.copy_button])
-        self.children = [title, widgets.HBox([enc_box, post_box]), self.figure, self.legend,
-                         self.status, self.code_output]
-        self.add_class("sfp-threshold-tuner")
-        self.update(encoder=True)
+        return [title, widgets.HBox([enc_box, post_box]), self.figure, self.legend,
+                self.status, self.code_output]
 
     # ------------------------------------------------------------------ settings
     def _check_masks(self, masks: Any) -> list[np.ndarray] | None:
@@ -420,7 +427,8 @@ class ThresholdTuner(SFPWidget):
             repr(self.classes)) <= 200 else "classes"
         kw = self.seg_kwargs
         args = ["method='sfp'", "config=config"]
-        args += [f"{k}={kw[k]!r}" for k in ("short_side", "crop", "stride", "templates")]
+        args += [f"{k}={kw[k]!r}" for k in ("short_side", "crop", "stride", "max_long_side",
+                                            "templates")]
         args += [f"{k}={v!r}" for k, v in post.items()]
         return (
             "from sfp.methods.config import SFPConfig\n"

@@ -1,0 +1,322 @@
+"""The one table of the eight benchmarks: layout, classes, background, released settings.
+
+Each :class:`Benchmark` of :data:`BENCHMARKS` (a :class:`~sfp.core.registry.Registry`) holds
+everything sfp knows about one benchmark:
+
+- ``layout``: where its files live (:class:`DatasetSpec`, mmsegmentation's folder layouts),
+  read by :mod:`sfp.seg.datasets`;
+- its class list (``sfp/data/{name}.txt``, one class per line, synonyms separated by ", ",
+  exactly as the releases ship them) and whether label 0 is a background class whose line lists
+  many stuff names (voc21, context60, coco_object; shown as "background");
+- ``settings``: the released segmentation hyper-parameters (:class:`Settings`), used by
+  :meth:`sfp.seg.pipeline.Segmenter.for_benchmark`, and the prompt template set.
+
+Sources of the settings: voc21 comes from the SFP release's own run log
+(``Kimsure/SFP SFP_ICCV/test/20251207_184940/20251207_184940.log``, the config dump of its VOC21
+run, 61.4 mIoU), identical to SC-CLIP's ``configs/cfg_voc21.py``; the other seven from
+``SuleBai/SC-CLIP configs/cfg_*.py`` (SFP's configs derive from SC-CLIP's). Every benchmark
+uses slide crop 224, stride 112 and ``Resize(scale=(2048, short_side))``; logit scale 40,
+probability threshold 0 and no area threshold unless a config sets them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+from sfp.core.registry import Registry
+from sfp.models.text import parse_classes, read_class_file
+
+__all__ = [
+    "BENCHMARKS",
+    "Benchmark",
+    "DatasetSpec",
+    "Settings",
+    "benchmark_classes",
+    "class_list",
+    "class_names",
+    "get_benchmark",
+]
+
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where one benchmark's files live, relative to its root.
+
+    Paths may contain ``{split}``, replaced by the split name (or its ``split_alias``). A sample
+    ``id`` maps to ``root/img_dir/{id}{img_suffix}`` and ``root/ann_dir/{id}{seg_map_suffix}``;
+    ids come from ``split_file`` (one per line) or, when it is None, from scanning ``img_dir``
+    (recursively when ``recursive``; an id then includes its sub-folder, e.g. ``city/name``).
+    """
+
+    name: str
+    num_classes: int
+    img_dir: str
+    ann_dir: str
+    img_suffix: str
+    seg_map_suffix: str
+    split_file: str | None
+    reduce_zero_label: bool
+    root_display: str
+    """Conventional root path, shown in error messages (e.g. ``VOCdevkit/VOC2012``)."""
+    root_subdirs: tuple[str, ...] = ()
+    """Sub-folders of a given root also tried as the real root (e.g. ``VOC2012``)."""
+    recursive: bool = False
+    split_alias: tuple[tuple[str, str], ...] = ()
+    """``(split, folder name)`` pairs, e.g. ADE20K's ``("val", "validation")``."""
+    id_pattern: str = "{id}"
+    """How an id looks, for messages (cityscapes: ``{city}/{id}``)."""
+    label_note: str = ""
+    hint: str = ""
+    """How to produce this layout (shown in error messages)."""
+
+    def resolve(self, split: str) -> tuple[str, str, str | None]:
+        """``(img_dir, ann_dir, split_file)`` for ``split``, relative to the root."""
+        s = dict(self.split_alias).get(split, split)
+        split_file = self.split_file.format(split=s) if self.split_file is not None else None
+        return self.img_dir.format(split=s), self.ann_dir.format(split=s), split_file
+
+    def expected_tree(self, split: str = "val") -> str:
+        """ASCII tree of the expected layout for ``split``."""
+        img_dir, ann_dir, split_file = self.resolve(split)
+        entries = [
+            (f"{img_dir}/", f"{self.id_pattern}{self.img_suffix}  (RGB images)"),
+            (f"{ann_dir}/", f"{self.id_pattern}{self.seg_map_suffix}  ({self.label_note})"),
+        ]
+        if split_file is not None:
+            entries.append((split_file, "sample ids, one per line"))
+        width = max(len(e[0]) for e in entries) + 6
+        lines = [f"{self.root_display}/   <- root"]
+        for k, (path, note) in enumerate(entries):
+            branch = "`-- " if k == len(entries) - 1 else "|-- "
+            lines.append(f"{branch}{path}".ljust(width) + note)
+        return "\n".join(lines)
+
+
+_VOC_LABEL = "palette PNG; palette indices are the labels, 255 = ignore"
+
+
+def _voc(name: str, num_classes: int, reduce: bool) -> DatasetSpec:
+    return DatasetSpec(
+        name=name,
+        num_classes=num_classes,
+        img_dir="JPEGImages",
+        ann_dir="SegmentationClass",
+        img_suffix=".jpg",
+        seg_map_suffix=".png",
+        split_file="ImageSets/Segmentation/{split}.txt",
+        reduce_zero_label=reduce,
+        root_display="VOCdevkit/VOC2012",
+        root_subdirs=("VOC2012", "VOCdevkit/VOC2012"),
+        label_note=_VOC_LABEL + (", 0 = background (dropped)" if reduce else ""),
+        hint="Pass the VOC2012 folder or its parent VOCdevkit.",
+    )
+
+
+def _context(name: str, num_classes: int, reduce: bool) -> DatasetSpec:
+    return DatasetSpec(
+        name=name,
+        num_classes=num_classes,
+        img_dir="JPEGImages",
+        ann_dir="SegmentationClassContext",
+        img_suffix=".jpg",
+        seg_map_suffix=".png",
+        split_file="ImageSets/SegmentationContext/{split}.txt",
+        reduce_zero_label=reduce,
+        root_display="VOCdevkit/VOC2010",
+        root_subdirs=("VOC2010", "VOCdevkit/VOC2010"),
+        label_note="0 = background" + (" (dropped)" if reduce else "") + ", 1..59 classes",
+        hint=(
+            "Pass the VOC2010 folder or its parent VOCdevkit. SegmentationClassContext and "
+            "ImageSets/SegmentationContext come from mmsegmentation's "
+            "tools/dataset_converters/pascal_context.py (needs trainval_merged.json)."
+        ),
+    )
+
+
+def _coco(name: str, num_classes: int, suffix: str, note: str, hint: str) -> DatasetSpec:
+    return DatasetSpec(
+        name=name,
+        num_classes=num_classes,
+        img_dir="images/{split}2017",
+        ann_dir="annotations/{split}2017",
+        img_suffix=".jpg",
+        seg_map_suffix=suffix,
+        split_file=None,
+        reduce_zero_label=False,
+        root_display="coco_stuff164k",
+        root_subdirs=("coco_stuff164k",),
+        label_note=note,
+        hint=hint,
+    )
+
+
+_LAYOUTS: dict[str, DatasetSpec] = {
+    "voc21": _voc("voc21", 21, reduce=False),
+    "voc20": _voc("voc20", 20, reduce=True),
+    "context60": _context("context60", 60, reduce=False),
+    "context59": _context("context59", 59, reduce=True),
+    "coco_object": _coco(
+        "coco_object",
+        81,
+        "_instanceTrainIds.png",
+        "0 = background, 1..80 things, 255 = ignore",
+        "Derive the *_instanceTrainIds.png labels from COCO-Stuff164k's *_labelTrainIds.png "
+        "with sfp.seg.datasets.prepare_coco_object(root) (sfp prepare coco-object).",
+    ),
+    "coco_stuff164k": _coco(
+        "coco_stuff164k",
+        171,
+        "_labelTrainIds.png",
+        "0..170 train ids, 255 = ignore",
+        "Create *_labelTrainIds.png with mmsegmentation's "
+        "tools/dataset_converters/coco_stuff164k.py.",
+    ),
+    "cityscapes": DatasetSpec(
+        name="cityscapes",
+        num_classes=19,
+        img_dir="leftImg8bit/{split}",
+        ann_dir="gtFine/{split}",
+        img_suffix="_leftImg8bit.png",
+        seg_map_suffix="_gtFine_labelTrainIds.png",
+        split_file=None,
+        reduce_zero_label=False,
+        root_display="cityscapes",
+        root_subdirs=("cityscapes",),
+        recursive=True,
+        id_pattern="{city}/{id}",
+        label_note="0..18 train ids, 255 = ignore",
+        hint=(
+            "Create *_gtFine_labelTrainIds.png with cityscapesscripts' createTrainIdLabelImgs "
+            "(or mmsegmentation's tools/dataset_converters/cityscapes.py)."
+        ),
+    ),
+    "ade20k": DatasetSpec(
+        name="ade20k",
+        num_classes=150,
+        img_dir="images/{split}",
+        ann_dir="annotations/{split}",
+        img_suffix=".jpg",
+        seg_map_suffix=".png",
+        split_file=None,
+        reduce_zero_label=True,
+        root_display="ADEChallengeData2016",
+        root_subdirs=("ADEChallengeData2016",),
+        split_alias=(("val", "validation"), ("train", "training")),
+        label_note="0 = other (dropped), 1..150 classes",
+        hint="Unzip ADEChallengeData2016.zip and pass the ADEChallengeData2016 folder.",
+    ),
+}
+
+
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Segmentation hyper-parameters of a benchmark (see :class:`sfp.seg.pipeline.Segmenter`).
+
+    short_side, max_long_side: resize rule; crop, stride: sliding windows; logit_scale,
+    prob_thd, area_thd: post-processing (area_thd None = off).
+    """
+
+    short_side: int = 336
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float | None = None
+    crop: int = 224
+    stride: int = 112
+    max_long_side: int = 2048
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments of :class:`~sfp.seg.pipeline.Segmenter`."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark (see the module docstring)."""
+
+    name: str
+    display: str
+    layout: DatasetSpec
+    has_background: bool
+    settings: Settings
+    templates: str = "openai80"
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return self.layout.num_classes
+
+    def classes(self) -> list[list[str]]:
+        """The class list as released: one list of synonyms per class.
+
+        Released lists may repeat a name across classes (coco_object: "bed" is both in the
+        background line and a class); it is kept, so the query set matches the release.
+        """
+        with resources.as_file(resources.files("sfp") / "data" / f"{self.name}.txt") as p:
+            return read_class_file(p, allow_duplicates=True)
+
+    def class_names(self) -> list[str]:
+        """One display name per class: the first synonym, and "background" for label 0 of the
+        benchmarks with a background class."""
+        names = [syns[0] for syns in self.classes()]
+        if self.has_background:
+            names[0] = BACKGROUND
+        return names
+
+
+#: The eight benchmarks by name (value: :class:`Benchmark`).
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
+
+_SC_CLIP = "SuleBai/SC-CLIP configs/cfg_{}.py"
+for _name, _display, _bg, _settings, _source in (
+    ("voc21", "PASCAL VOC 2012 (21 classes)", True,
+     Settings(logit_scale=50.0, prob_thd=0.15, area_thd=0.1),
+     "Kimsure/SFP SFP_ICCV/test/20251207_184940/20251207_184940.log (= SC-CLIP cfg_voc21.py)"),
+    ("voc20", "PASCAL VOC 2012 (20 classes)", False, Settings(), _SC_CLIP.format("voc20")),
+    ("context60", "PASCAL Context (60 classes)", True, Settings(prob_thd=0.15),
+     _SC_CLIP.format("context60")),
+    ("context59", "PASCAL Context (59 classes)", False, Settings(), _SC_CLIP.format("context59")),
+    ("coco_object", "COCO-Object", True, Settings(logit_scale=55.0, prob_thd=0.35),
+     _SC_CLIP.format("coco_object")),
+    ("coco_stuff164k", "COCO-Stuff 164k", False, Settings(), _SC_CLIP.format("coco_stuff164k")),
+    ("cityscapes", "Cityscapes", False, Settings(short_side=560), _SC_CLIP.format("city_scapes")),
+    ("ade20k", "ADE20K", False, Settings(), _SC_CLIP.format("ade20k")),
+):
+    BENCHMARKS.register(_name, Benchmark(_name, _display, _LAYOUTS[_name], _bg, _settings,
+                                         source=_source), display=_display)
+del _name, _display, _bg, _settings, _source
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The :class:`Benchmark` called ``name`` ("voc21", "ade20k", ...; "-" and "_" alike);
+    RegistryError listing the names and close matches."""
+    return BENCHMARKS.get(name).value
+
+
+def benchmark_classes(name: str) -> list[list[str]]:
+    """The class list of benchmark ``name``, as released (see :meth:`Benchmark.classes`)."""
+    return get_benchmark(name).classes()
+
+
+def class_names(name: str) -> list[str]:
+    """Display names of benchmark ``name``'s classes (see :meth:`Benchmark.class_names`)."""
+    return get_benchmark(name).class_names()
+
+
+def class_list(classes: Any) -> tuple[list[list[str]], list[str]]:
+    """Any class specification -> (synonym lists, display names).
+
+    classes: a benchmark name (its released list; label 0 shown as "background" where it is
+    a background class) or anything :func:`sfp.models.text.parse_classes` takes (a class
+    file, ``"cat; dog, puppy"``, a list of names or of synonym lists).
+    """
+    if isinstance(classes, str) and classes in BENCHMARKS:
+        bench = get_benchmark(classes)
+        return bench.classes(), bench.class_names()
+    parsed = parse_classes(classes)
+    return parsed, [syns[0] for syns in parsed]
