@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from sfp.cli.figures import script_inputs, script_parser
-from sfp.seg.pipeline import TEMPLATE_SETS
+from sfp.models.text import TEMPLATES
 from sfp.viz.figures import save_figure, stage_ablation, stage_ablation_data, stage_ablation_plotly
 from sfp.viz.figures.export import write_plotly_page
 
@@ -21,7 +21,7 @@ from sfp.viz.figures.export import write_plotly_page
 def main(argv: list[str] | None = None) -> int:
     p = script_parser(__doc__, "analysis_output/stage_ablation")
     p.add_argument("--classes", default="voc21", help="benchmark name, class file or 'a; b; c'")
-    p.add_argument("--templates", default="openai80", choices=tuple(TEMPLATE_SETS),
+    p.add_argument("--templates", default="openai80", choices=TEMPLATES.names(),
                    help="prompt templates (openai80 = the paper's 80; simple = one)")
     p.add_argument("--baselines", default="sclip", help="comma-separated baseline encoders")
     p.add_argument("--preset", default="official", choices=("official", "paper"))
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     for view in views:
         d = stage_ablation_data(bundle, view, args.classes, config=args.preset,
-                                baselines=baselines, templates=TEMPLATE_SETS[args.templates])
+                                baselines=baselines, templates=args.templates)
         stem = f"{args.out}/{view.name}_stage_ablation"
         files = save_figure(stage_ablation(d, mode=args.feature_map, space=args.space), stem,
                             formats=formats, dpi=args.dpi)

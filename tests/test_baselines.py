@@ -1,5 +1,5 @@
-"""Tests of sfp.methods.encoders (contract, registry) and sfp.methods.baselines (CLIP, MaskCLIP, SCLIP,
-ClearCLIP, NACLIP).
+"""Tests of sfp.methods.encoders (contract, registry) and sfp.methods.baselines (CLIP,
+MaskCLIP, SCLIP, ClearCLIP, NACLIP).
 
 The modified last blocks are checked against computations written here from the block's raw
 weights (``in_proj_weight``/``in_proj_bias``, ``out_proj``) with explicit loops over heads, on a

@@ -62,7 +62,8 @@ def test_demo_falls_back_to_planted_model(monkeypatch, tiny_vit):
         label = "tiny / synthetic (planted outliers)"
 
     monkeypatch.setattr(sfp.models.loading, "load_model", no_weights)
-    monkeypatch.setattr(sfp.models.synthetic, "planted_model", lambda name, device=None: (Fake(), None))
+    monkeypatch.setattr(sfp.models.synthetic, "planted_model",
+                        lambda name, device=None: (Fake(), None))
     bundle, note = demo._load("ViT-B-16", synthetic=False, device=None, stream=io.StringIO())
     assert isinstance(bundle, Fake)
     assert note.startswith("No pretrained weights: no network")

@@ -274,3 +274,17 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, capsys, monkeyp
     assert a == b
     assert a["num_images"] == 5
     shutil.rmtree(state)
+
+
+def test_eval_runs_on_the_planted_model(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv(INTERRUPT_ENV, raising=False)
+    root = make_fake_dataset("voc20", tmp_path / "data", n=2, size=(24, 32))
+    out = tmp_path / "syn.json"
+    args = [a for a in FAST if a not in ("--pretrained", "random")]
+    rc, stdout, err = run(capsys, ["eval", "--benchmark", "voc20", "--data-root", str(root),
+                                   "--out", str(out), "--synthetic", "--model", "ViT-S-16",
+                                   "--no-progress", *args])
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    assert res["provenance"] == "synthetic" and res["pretrained"].startswith("synthetic")
+    assert res["num_images"] == 2 and res["config"]["seed"] == 0

@@ -1,4 +1,5 @@
-"""Tests of sfp.viz.figures: every family on a random and a synthetic ViT-S/16, the writers, the CLI.
+"""Tests of sfp.viz.figures: every family on a random and a synthetic ViT-S/16, the writers,
+the CLI.
 
 Figures are checked by structure (panels, colour bars, traces, image shapes = the patch grid,
 titles naming the model and "synthetic (planted outliers)") and, where the planted model

@@ -102,7 +102,8 @@ def test_recorded_pattern_equals_trace_attention(tiny_vit, x_tiny):
     def keep(t, name):
         seen[name] = t.clone()
 
-    trace = record(tiny_vit, x_tiny, layers=[2, 5], fwd_hooks=[("blocks.5.attn.hook_pattern", keep)])
+    trace = record(tiny_vit, x_tiny, layers=[2, 5],
+                   fwd_hooks=[("blocks.5.attn.hook_pattern", keep)])
     assert torch.equal(seen["blocks.5.attn.hook_pattern"], trace.attention(5))
 
 

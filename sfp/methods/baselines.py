@@ -27,9 +27,9 @@ functions in :mod:`sfp.methods.attention`.
 
 Differences from the releases, all deliberate: positional embeddings are interpolated to the exact
 patch grid by :func:`sfp.core.forward.positional_embedding` (the releases use a ``scale_factor``
-and skip non-square grids with the pretraining token count); any batch size and non-square grids work; the
-segmentation-time extras of the releases (sliding windows, PAMR, logit scales, thresholds) belong
-to :mod:`sfp.seg.pipeline`, not to these encoders.
+and skip non-square grids with the pretraining token count); any batch size and non-square
+grids work; the segmentation-time extras of the releases (sliding windows, PAMR, logit scales,
+thresholds) belong to :mod:`sfp.seg.pipeline`, not to these encoders.
 """
 
 from __future__ import annotations
@@ -289,10 +289,16 @@ class _LastBlockEncoder(Encoder):
             )
         self._config = config
 
+    #: ``block_fn(block, x, [grid,] config, layer=, hooks=)``: the modified block L.
+    block_fn: Callable[..., torch.Tensor]
+    #: Whether ``block_fn`` takes the patch grid (NACLIP's neighbourhood).
+    needs_grid: bool = False
+
     def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
                    layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
         """The modified block L: x = h_{L-1} (B, 1 + N, C) -> (B, 1 + N, C)."""
-        raise NotImplementedError
+        extra = (grid,) if self.needs_grid else ()
+        return type(self).block_fn(block, x, *extra, self._config, layer=layer, hooks=hooks)
 
     @torch.no_grad()
     def encode_tokens(self, images: torch.Tensor, fwd_hooks: FwdHooks = None) -> torch.Tensor:
@@ -329,10 +335,7 @@ class MaskCLIPEncoder(_LastBlockEncoder):
 
     name = "maskclip"
     config_type = MaskCLIPConfig
-
-    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
-                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
-        return maskclip_block(block, x, self._config, layer=layer, hooks=hooks)
+    block_fn = staticmethod(maskclip_block)
 
 
 class SCLIPEncoder(_LastBlockEncoder):
@@ -350,10 +353,7 @@ class SCLIPEncoder(_LastBlockEncoder):
 
     name = "sclip"
     config_type = SCLIPConfig
-
-    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
-                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
-        return sclip_block(block, x, self._config, layer=layer, hooks=hooks)
+    block_fn = staticmethod(sclip_block)
 
 
 class ClearCLIPEncoder(_LastBlockEncoder):
@@ -374,10 +374,7 @@ class ClearCLIPEncoder(_LastBlockEncoder):
 
     name = "clearclip"
     config_type = ClearCLIPConfig
-
-    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
-                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
-        return clearclip_block(block, x, self._config, layer=layer, hooks=hooks)
+    block_fn = staticmethod(clearclip_block)
 
 
 class NACLIPEncoder(_LastBlockEncoder):
@@ -399,10 +396,8 @@ class NACLIPEncoder(_LastBlockEncoder):
 
     name = "naclip"
     config_type = NACLIPConfig
-
-    def last_block(self, block: nn.Module, x: torch.Tensor, grid: forward.Grid,
-                   layer: int = 0, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
-        return naclip_block(block, x, grid, self._config, layer=layer, hooks=hooks)
+    block_fn = staticmethod(naclip_block)
+    needs_grid = True
 
 
 register_encoder("clip", CLIPEncoder, display="CLIP", citation="Radford et al., ICML 2021",

@@ -1,7 +1,9 @@
 """Configuration of the SFP encoder: one frozen dataclass with named presets.
 
-Every number of the method (docs/design.md, "The SFP method") is a field of :class:`SFPConfig`; the constructor's
-defaults are the **official** preset (the released implementation). Two presets:
+Every number of the method (docs/design.md, "The SFP method") is a field of
+:class:`SFPConfig`; the constructor's defaults are the **official** preset (the released
+implementation). Presets are looked up by name with ``SFPConfig.preset(name)`` (the names:
+:data:`PRESETS`):
 
 - ``SFPConfig.official(**overrides)``: what the release computes (SOM at block L-1 only with
   ``cls_scale = 5 * res_cls`` and top-10, reference similarity, SAE as a mean of three
@@ -206,8 +208,8 @@ class SFPConfig:
             (eq. 8-11: F_vis = A_HAI F_SAE).
         hai_start, hai_stop: inclusive layer range (None -> official derive(4)..derive(10);
             paper 1..L-1).
-        hai_attention: official HAI's attention: "similarity" = softmax(M) (docs/design.md, "The SFP method");
-            "sae" = the SAE mixture of three softmaxes (an older release version).
+        hai_attention: official HAI's attention: "similarity" = softmax(M) (docs/design.md,
+            "The SFP method"); "sae" = the SAE mixture of three softmaxes (an older release).
         hai_iterations: paper HAI's passes of row-then-column normalisation (eq. 10: 1).
     preset_name: the preset the configuration was started from (a name of :data:`PRESETS`,
         or "custom").

@@ -1,7 +1,8 @@
 """The SFP encoder (Jin et al., ICCV 2025): outlier mitigator, attention enhancer, integrator.
 
-:class:`SFPEncoder` replaces the tail of :mod:`sfp.core.forward`'s forward path. With the official
-preset (:meth:`sfp.methods.config.SFPConfig.official`) it computes, for L blocks (docs/design.md, "The SFP method"):
+:class:`SFPEncoder` runs :mod:`sfp.core.forward` with SOM as hooks and replaces its tail. With
+the official preset (:meth:`sfp.methods.config.SFPConfig.official`) it computes, for L blocks
+(docs/design.md, "The SFP method"):
 
 1. embed; blocks 1..L-1 unchanged (the positional embedding is interpolated to the exact
    patch grid, rows and columns apart, when the grid differs from the pretraining one);
@@ -132,63 +133,48 @@ def _attend(block: nn.Module, attn: Tensor, v: Tensor) -> Tensor:
     return forward.merge_heads(block, forward.attend(attn, v))
 
 
-def sae_official(
-    block: nn.Module,
-    x: Tensor,
-    s_pre: Tensor,
-    cls: Tensor | None = None,
-    *,
-    res_cls: float = 0.3,
-    temperature: float = 3.0,
-    layer: int = 0,
-    hooks: Hooks = NO_HOOKS,
-) -> Tensor:
+def sae_official(block: nn.Module, x: Tensor, s_pre: Tensor, cls: Tensor | None = None,
+                 config: SFPConfig | None = None, *, layer: int = 0,
+                 hooks: Hooks = NO_HOOKS) -> Tensor:
     """The release's semantic-aware attention enhancer, in place of block L.
 
     x: (B, N, C) patch tokens, s_pre: (B, N, N) thresholded reference similarity, cls: (B, C)
-    class token of h_{L-1} (None: no class-token term). With q, k, v = in_proj(ln_1(x)) per
-    head: attn = (softmax(qq^T/sqrt(d)) + softmax(kk^T/sqrt(d)) + softmax(M)) / 3, M =
-    :func:`similarity_logits`; returns out_proj(attn v) + res_cls * cls: (B, N, C). No MLP, no
+    class token of h_{L-1} (None: no class-token term); config: its ``res_cls`` (lambda) and
+    ``sim_temperature`` are used (default official). With q, k, v = in_proj(ln_1(x)) per head:
+    attn = (softmax(qq^T/sqrt(d)) + softmax(kk^T/sqrt(d)) + softmax(M)) / 3, M =
+    :func:`similarity_logits`; returns out_proj(attn v) + lambda * cls: (B, N, C). No MLP, no
     residual. Block ``layer``'s attention hook points fire on the N patch tokens (q, k, v,
     pattern, z, attn_out).
     """
+    cfg = SFPConfig.official() if config is None else config
     q, k, v = forward.attention_inputs(block, x, layer, hooks)
-    m = similarity_logits(s_pre, temperature)
+    m = similarity_logits(s_pre, cfg.sim_temperature)
     attn = forward.pattern_hook(_official_attention(q, k, m, mixture=True), layer, hooks)[0]
     out = forward.attention_output(block, forward.attend(attn, v), layer, hooks,
                                    layer_scale=False)
     if cls is not None:
-        out = out + res_cls * cls.unsqueeze(1).to(out.dtype)
+        out = out + cfg.res_cls * cls.unsqueeze(1).to(out.dtype)
     return out
 
 
-def hai_official(
-    block: nn.Module,
-    hidden_sum: Tensor,
-    s_pre: Tensor,
-    s_post: Tensor | None = None,
-    *,
-    res_cls: float = 0.3,
-    temperature: float = 3.0,
-    attention: str = "similarity",
-    eps: float = 1e-6,
-) -> Tensor:
+def hai_official(block: nn.Module, hidden_sum: Tensor, s_pre: Tensor,
+                 s_post: Tensor | None = None, config: SFPConfig | None = None) -> Tensor:
     """The release's hierarchical attention integrator term Z.
 
     hidden_sum: P = sum of hidden states over the HAI layers (B, 1 + N, C), class token first;
-    s_pre: (B, N, N) gives M (:func:`similarity_logits`); s_post: (B, N, N) or None.
+    s_pre: (B, N, N) gives M (:func:`similarity_logits`); s_post: (B, N, N) or None; config:
+    its ``res_cls``, ``sim_temperature``, ``hai_attention`` and ``eps`` (default official).
     v = in_proj_v(ln_1(P patches)) of block L; attention "similarity": softmax(M) for every
     head, "sae": the SAE mixture (:func:`sae_official`). Z = out_proj(attn v) + res_cls *
     cls(P), then Z <- rownorm(S_post) Z when s_post is given. Returns Z: (B, N, C).
     """
-    if attention not in ("similarity", "sae"):
-        raise ValueError(f"attention must be 'similarity' or 'sae', got {attention!r}")
+    cfg = SFPConfig.official() if config is None else config
     q, k, v = forward.qkv(block, block.ln_1(hidden_sum[:, 1:]))
-    m = similarity_logits(s_pre, temperature)
-    z = _attend(block, _official_attention(q, k, m, mixture=attention == "sae"), v)
-    z = z + res_cls * hidden_sum[:, :1].to(z.dtype)
+    m = similarity_logits(s_pre, cfg.sim_temperature)
+    z = _attend(block, _official_attention(q, k, m, mixture=cfg.hai_attention == "sae"), v)
+    z = z + cfg.res_cls * hidden_sum[:, :1].to(z.dtype)
     if s_post is not None:
-        z = rownorm_apply(s_post, z, eps)
+        z = rownorm_apply(s_post, z, cfg.eps)
     return z
 
 
@@ -543,8 +529,7 @@ class SFPEncoder(Encoder):
             return forward.block_forward(block, tokens, last, hooks)[:, 1:]
         if cfg.sae_variant == "official":
             assert s_pre is not None
-            return sae_official(block, x_pre, s_pre, cls, res_cls=cfg.res_cls,
-                                temperature=cfg.sim_temperature, layer=last, hooks=hooks)
+            return sae_official(block, x_pre, s_pre, cls, cfg, layer=last, hooks=hooks)
         return sae_paper(block, x_pre, cls if cfg.paper_sae_cls else None, omega=cfg.omega,
                          ln1=cfg.paper_sae_ln1, value=cfg.paper_sae_value,
                          form=cfg.paper_sae_form)
@@ -556,9 +541,7 @@ class SFPEncoder(Encoder):
         if run.official_hai:
             assert run.p_sum is not None and s_pre is not None
             block = forward.blocks_of(self.visual)[self.resolved.num_layers - 1]
-            z = hai_official(block, run.p_sum, s_pre, s_post, res_cls=cfg.res_cls,
-                             temperature=cfg.sim_temperature, attention=cfg.hai_attention,
-                             eps=cfg.eps)
+            z = hai_official(block, run.p_sum, s_pre, s_post, cfg)
             return z, None, x_post + z
         if run.paper_hai:
             x_final, a = hai_paper(run.hai_attention, x_post, run.hai_masks,

@@ -288,6 +288,53 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class _Weights:
+    """Where a model's weights come from and how to build the model for them."""
+
+    label: str
+    provenance: str
+    state_dict: dict[str, torch.Tensor] | None
+    quick_gelu: bool
+    mean: tuple[float, ...] = OPENAI_MEAN
+    std: tuple[float, ...] = OPENAI_STD
+
+
+def _file_weights(name: str, path: Path, quick_gelu: bool | None, cfg_qg: bool) -> _Weights:
+    state_dict, is_jit = _read_weights_file(path)
+    if quick_gelu is not None:
+        qg = quick_gelu or cfg_qg
+    elif is_jit or cfg_qg:
+        qg = True
+    else:
+        qg = False
+        log.warning(
+            "%s: a plain state dict cannot say which activation it was trained with; "
+            "using GELU (quick_gelu=False). OpenAI weights need quick_gelu=True "
+            "(or the model name %s-quickgelu).",
+            path.name,
+            name,
+        )
+    return _Weights(str(path), "file", state_dict, qg)
+
+
+def _tag_weights(name: str, tag: str, quick_gelu: bool | None, cfg_qg: bool,
+                 cache_dir: str | None) -> _Weights:
+    tag_cfg = open_clip.pretrained.get_pretrained_cfg(name, tag)
+    if not tag_cfg:
+        if os.sep in tag or tag.endswith((".pt", ".bin", ".safetensors")):
+            raise ModelLoadError(f"Weights file not found: {tag}")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ModelLoadError(
+            f"{tag!r} is neither a file nor a pretrained tag of {name}; tags: {tags}."
+        )
+    qg = cfg_qg or (bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu)
+    path = Path(_download_with_timeout(name, tag, tag_cfg, cache_dir))
+    state_dict, _ = _read_weights_file(path)
+    return _Weights(tag, "pretrained", state_dict, qg, tuple(tag_cfg.get("mean", OPENAI_MEAN)),
+                    tuple(tag_cfg.get("std", OPENAI_STD)))
+
+
 def load_model(
     name: str = "ViT-B-16",
     pretrained: str | os.PathLike | None = "openai",
@@ -321,49 +368,15 @@ def load_model(
     if quick_gelu is False and cfg_quick_gelu:
         raise ModelLoadError(f"{name} is a QuickGELU model; quick_gelu=False contradicts it.")
     dev = _resolve_device(device)
-
-    state_dict: dict[str, torch.Tensor] | None = None
-    mean, std = OPENAI_MEAN, OPENAI_STD
     if pretrained is None:
-        label, provenance = "random", "random"
-        qg = bool(quick_gelu) or cfg_quick_gelu
+        w = _Weights("random", "random", None, bool(quick_gelu) or cfg_quick_gelu)
         log.warning("%s: weights are RANDOM (pretrained=None); results mean nothing.", name)
     elif os.path.isfile(os.fspath(pretrained)):
-        path = Path(os.fspath(pretrained))
-        label, provenance = str(path), "file"
-        state_dict, is_jit = _read_weights_file(path)
-        if quick_gelu is not None:
-            qg = quick_gelu or cfg_quick_gelu
-        elif is_jit or cfg_quick_gelu:
-            qg = True
-        else:
-            qg = False
-            log.warning(
-                "%s: a plain state dict cannot say which activation it was trained with; "
-                "using GELU (quick_gelu=False). OpenAI weights need quick_gelu=True "
-                "(or the model name %s-quickgelu).",
-                path.name,
-                name,
-            )
+        w = _file_weights(name, Path(os.fspath(pretrained)), quick_gelu, cfg_quick_gelu)
     else:
-        tag = str(pretrained)
-        tag_cfg = open_clip.pretrained.get_pretrained_cfg(name, tag)
-        if not tag_cfg:
-            looks_like_path = os.sep in tag or tag.endswith((".pt", ".bin", ".safetensors"))
-            if looks_like_path:
-                raise ModelLoadError(f"Weights file not found: {tag}")
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise ModelLoadError(
-                f"{tag!r} is neither a file nor a pretrained tag of {name}; tags: {tags}."
-            )
-        label, provenance = tag, "pretrained"
-        qg = cfg_quick_gelu or (
-            bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
-        )
-        path = Path(_download_with_timeout(name, tag, tag_cfg, cache_dir))
-        state_dict, _ = _read_weights_file(path)
-        mean = tuple(tag_cfg.get("mean", OPENAI_MEAN))
-        std = tuple(tag_cfg.get("std", OPENAI_STD))
+        w = _tag_weights(name, str(pretrained), quick_gelu, cfg_quick_gelu, cache_dir)
+    label, state_dict, qg, mean, std = w.label, w.state_dict, w.quick_gelu, w.mean, w.std
+    provenance = w.provenance
 
     model, _, preprocess = open_clip.create_model_and_transforms(
         name, pretrained=None, force_quick_gelu=qg

@@ -56,9 +56,9 @@ The planting rule (``PlantedTruth.mask``)
       normalised pixel units) is at most ``flat_threshold`` in absolute value; only the full
       ``gh x gw`` patches that ``conv1`` sees count (right/bottom remainders are dropped);
     - eligible: on the model's base grid, one of the ``n_outliers`` seeded positions. For any
-      other grid the +-1 eligibility map is resized exactly as :func:`sfp.core.forward.positional_embedding`
-      resizes the positional embedding (bicubic, align_corners=False) and a position is
-      eligible where the resized value is > 0.
+      other grid the +-1 eligibility map is resized exactly as
+      :func:`sfp.core.forward.positional_embedding` resizes the positional embedding
+      (bicubic, align_corners=False) and a position is eligible where the resized value is > 0.
 
     At most ``n_outliers`` tokens per base-grid image (default 5% of the base grid: 10 of 196
     for ViT-B-16), fewer where eligible patches hold an edge or texture. Both tests are sharp
@@ -425,11 +425,8 @@ def _plant(model: nn.Module, seed: int, onset: int, n_outliers: int, cfg: PlantC
     visual = model.visual
     blocks = forward.blocks_of(visual)
     width = int(visual.transformer.width)
-    heads = int(blocks[0].attn.num_heads)
-    d = width // heads
     p = int(visual.conv1.kernel_size[0])
-    s = _subgrid(p, cfg.subgrid)
-    pairs = _contrast_pairs(s)
+    pairs = _contrast_pairs(_subgrid(p, cfg.subgrid))
     gen = torch.Generator().manual_seed(10_007 * int(seed) + 1)
 
     n_ded = 5 + len(pairs) + 2
@@ -445,31 +442,42 @@ def _plant(model: nn.Module, seed: int, onset: int, n_outliers: int, cfg: PlantC
         contrast=tuple(perm[5 : 5 + len(pairs)]),
         massive=(perm[-2], perm[-1]),
     )
-    g0 = forward.base_grid(visual)
-    eligible = _eligible_positions(g0, n_outliers, cfg.min_spacing, gen)
+    eligible = _eligible_positions(forward.base_grid(visual), n_outliers, cfg.min_spacing, gen)
     # A random positional embedding is tiny next to the patch features, so large uniform
     # regions give near-identical tokens and norm statistics with a tiny spread; scaling it
     # to the size of the patch features (as in trained CLIPs) keeps the tokens diverse.
     visual.positional_embedding.mul_(cfg.position_scale)
     _isolate(visual, ch.all)
+    _plant_embedding(visual, ch, eligible, pairs, cfg)
+    contrast_neurons = _plant_contrast(blocks[onset - 2], ch, width, cfg, gen)
+    register_neurons = _plant_registers(blocks[onset - 1], ch, width, cfg, gen)
+    u_by_layer = _plant_sinks(blocks, onset, ch, width, cfg, gen)
+    return _Plan(ch, eligible, onset, contrast_neurons, register_neurons, u_by_layer)
 
-    # 1. embedding: constant, eligibility, class marker, sub-block contrasts
+
+def _plant_embedding(visual: nn.Module, ch: _Channels, eligible: torch.Tensor,
+                     pairs: list[tuple[tuple[int, int], tuple[int, int]]],
+                     cfg: PlantConfig) -> None:
+    """Step 1: constant, eligibility and class-marker channels; sub-block contrast filters."""
     sig = cfg.signal
     pos = visual.positional_embedding
     pos[:, ch.one] = sig
     pos[1:, ch.eligible] = sig * (eligible.flatten().float() * 2 - 1)
     pos[0, ch.eligible] = -sig
     visual.class_embedding[ch.cls] = sig
-    b = p // s
+    p = int(visual.conv1.kernel_size[0])
+    b = p // _subgrid(p, cfg.subgrid)
     for j, ((r0, c0), (r1, c1)) in enumerate(pairs):
         f = torch.zeros(p, p)
         f[r0 * b : (r0 + 1) * b, c0 * b : (c0 + 1) * b] = 1.0
         f[r1 * b : (r1 + 1) * b, c1 * b : (c1 + 1) * b] = -1.0
         visual.conv1.weight[ch.contrast[j]] = sig * f / (3 * b * b)
 
-    # 2. contrast neurons (block onset-1): busy += busy_weight per |difference| > threshold
-    flat_block = blocks[onset - 2]
-    contrast_neurons = _pick_neurons(flat_block, 4 * len(pairs), gen)
+
+def _plant_contrast(block: nn.Module, ch: _Channels, width: int, cfg: PlantConfig,
+                    gen: torch.Generator) -> list[int]:
+    """Step 2 (block onset-1): busy += busy_weight per |difference| > flat_threshold."""
+    neurons = _pick_neurons(block, 4 * len(ch.contrast), gen)
     busy_write = torch.zeros(width)
     busy_write[ch.busy] = cfg.busy_weight
     k1 = cfg.contrast_gain
@@ -477,22 +485,29 @@ def _plant(model: nn.Module, seed: int, onset: int, n_outliers: int, cfg: PlantC
         for t, sign in enumerate((1.0, -1.0)):
             read = _diff(c, ch.zero, width, sign * k1)
             read += _diff(ch.one, ch.zero, width, -k1 * cfg.flat_threshold)
-            n0 = contrast_neurons[4 * j + 2 * t]
-            n1 = contrast_neurons[4 * j + 2 * t + 1]
-            _set_ramp(flat_block, (n0, n1), read, busy_write, cfg.ramp)
+            n0, n1 = neurons[4 * j + 2 * t], neurons[4 * j + 2 * t + 1]
+            _set_ramp(block, (n0, n1), read, busy_write, cfg.ramp)
+    return neurons
 
-    # 3. register neurons (block onset): eligible and not busy -> massive vector (norm set later)
-    reg_block = blocks[onset - 1]
-    register_neurons = _pick_neurons(reg_block, 2, gen)
+
+def _plant_registers(block: nn.Module, ch: _Channels, width: int, cfg: PlantConfig,
+                     gen: torch.Generator) -> list[int]:
+    """Step 3 (block onset): eligible and not busy -> massive vector (norm set later)."""
+    neurons = _pick_neurons(block, 2, gen)
     read = _diff(ch.eligible, ch.zero, width, cfg.register_gain)
     read += _diff(
-        ch.busy, ch.zero, width, -cfg.register_gain * cfg.busy_veto * sig / cfg.busy_weight
+        ch.busy, ch.zero, width, -cfg.register_gain * cfg.busy_veto * cfg.signal / cfg.busy_weight
     )
-    _set_ramp(
-        reg_block, (register_neurons[0], register_neurons[1]), read, torch.zeros(width), cfg.ramp
-    )
+    _set_ramp(block, (neurons[0], neurons[1]), read, torch.zeros(width), cfg.ramp)
+    return neurons
 
-    # 4. sinks (blocks onset+1..L): keys read the massive channels along u, queries point to u
+
+def _plant_sinks(blocks: nn.ModuleList, onset: int, ch: _Channels, width: int,
+                 cfg: PlantConfig, gen: torch.Generator) -> dict[int, torch.Tensor]:
+    """Step 4 (blocks onset+1..L): keys read the massive channels along u, queries point to
+    u; returns the head directions u per layer."""
+    heads = int(blocks[0].attn.num_heads)
+    d = width // heads
     massive_read = _diff(ch.massive[0], ch.massive[1], width, 1.0) / math.sqrt(2.0)
     u_by_layer: dict[int, torch.Tensor] = {}
     for layer in range(onset + 1, len(blocks) + 1):
@@ -511,7 +526,7 @@ def _plant(model: nn.Module, seed: int, onset: int, n_outliers: int, cfg: PlantC
             bias[q_rows] += cfg.patch_sink_logit * u[h]
             self_delta = cfg.self_sink_logit - cfg.patch_sink_logit
             w[q_rows] += self_delta / math.sqrt(width) * torch.outer(u[h], massive_read)
-    return _Plan(ch, eligible, onset, contrast_neurons, register_neurons, u_by_layer)
+    return u_by_layer
 
 
 @torch.no_grad()
@@ -578,6 +593,25 @@ def _quiet_open_clip() -> Iterator[None]:
         root.removeFilter(flt)
 
 
+def _check_plant_args(name: str, onset_layer: int | None, n_outliers: int | None,
+                      strength: float) -> tuple[dict, int]:
+    """(open_clip model config, onset layer) after checking planted_model's arguments."""
+    if not strength > 0:
+        raise ValueError(f"strength must be > 0, got {strength!r}.")
+    cfg_dict = open_clip.get_model_config(name)
+    if cfg_dict is None:
+        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models().")
+    layers = cfg_dict.get("vision_cfg", {}).get("layers")
+    if not isinstance(layers, int):
+        raise ValueError(f"{name} has no open_clip ViT visual tower; planted_model needs one.")
+    onset = default_onset(layers) if onset_layer is None else int(onset_layer)
+    if not 2 <= onset <= layers - 1:
+        raise ValueError(f"onset_layer must be in 2..{layers - 1} for {name}, got {onset}.")
+    if n_outliers is not None and int(n_outliers) < 1:
+        raise ValueError(f"n_outliers must be >= 1, got {n_outliers!r}.")
+    return cfg_dict, onset
+
+
 def planted_model(
     name: str = "ViT-B-16",
     seed: int = 0,
@@ -606,20 +640,8 @@ def planted_model(
     """
     cfg = config or PlantConfig()
     strength = cfg.strength if strength is None else float(strength)
-    if not strength > 0:
-        raise ValueError(f"strength must be > 0, got {strength!r}.")
     name = name.replace("/", "-")
-    cfg_dict = open_clip.get_model_config(name)
-    if cfg_dict is None:
-        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models().")
-    layers = cfg_dict.get("vision_cfg", {}).get("layers")
-    if not isinstance(layers, int):
-        raise ValueError(f"{name} has no open_clip ViT visual tower; planted_model needs one.")
-    onset = default_onset(layers) if onset_layer is None else int(onset_layer)
-    if not 2 <= onset <= layers - 1:
-        raise ValueError(f"onset_layer must be in 2..{layers - 1} for {name}, got {onset}.")
-    if n_outliers is not None and int(n_outliers) < 1:
-        raise ValueError(f"n_outliers must be >= 1, got {n_outliers!r}.")
+    cfg_dict, onset = _check_plant_args(name, onset_layer, n_outliers, strength)
     with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(int(seed))
         model = open_clip.create_model(name, pretrained=None).eval()

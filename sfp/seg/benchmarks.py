@@ -99,59 +99,58 @@ class DatasetSpec:
 _VOC_LABEL = "palette PNG; palette indices are the labels, 255 = ignore"
 
 
-def _voc(name: str, num_classes: int, reduce: bool) -> DatasetSpec:
+def _pascal(name: str, num_classes: int, reduce: bool, year: int, task: str, note: str,
+            hint: str) -> DatasetSpec:
+    """A PASCAL layout: ``VOCdevkit/VOC{year}`` with ``SegmentationClass{task}`` labels and
+    ``ImageSets/Segmentation{task}`` split files."""
     return DatasetSpec(
         name=name,
         num_classes=num_classes,
         img_dir="JPEGImages",
-        ann_dir="SegmentationClass",
+        ann_dir=f"SegmentationClass{task}",
         img_suffix=".jpg",
         seg_map_suffix=".png",
-        split_file="ImageSets/Segmentation/{split}.txt",
+        split_file=f"ImageSets/Segmentation{task}/{{split}}.txt",
         reduce_zero_label=reduce,
-        root_display="VOCdevkit/VOC2012",
-        root_subdirs=("VOC2012", "VOCdevkit/VOC2012"),
-        label_note=_VOC_LABEL + (", 0 = background (dropped)" if reduce else ""),
-        hint="Pass the VOC2012 folder or its parent VOCdevkit.",
-    )
-
-
-def _context(name: str, num_classes: int, reduce: bool) -> DatasetSpec:
-    return DatasetSpec(
-        name=name,
-        num_classes=num_classes,
-        img_dir="JPEGImages",
-        ann_dir="SegmentationClassContext",
-        img_suffix=".jpg",
-        seg_map_suffix=".png",
-        split_file="ImageSets/SegmentationContext/{split}.txt",
-        reduce_zero_label=reduce,
-        root_display="VOCdevkit/VOC2010",
-        root_subdirs=("VOC2010", "VOCdevkit/VOC2010"),
-        label_note="0 = background" + (" (dropped)" if reduce else "") + ", 1..59 classes",
-        hint=(
-            "Pass the VOC2010 folder or its parent VOCdevkit. SegmentationClassContext and "
-            "ImageSets/SegmentationContext come from mmsegmentation's "
-            "tools/dataset_converters/pascal_context.py (needs trainval_merged.json)."
-        ),
-    )
-
-
-def _coco(name: str, num_classes: int, suffix: str, note: str, hint: str) -> DatasetSpec:
-    return DatasetSpec(
-        name=name,
-        num_classes=num_classes,
-        img_dir="images/{split}2017",
-        ann_dir="annotations/{split}2017",
-        img_suffix=".jpg",
-        seg_map_suffix=suffix,
-        split_file=None,
-        reduce_zero_label=False,
-        root_display="coco_stuff164k",
-        root_subdirs=("coco_stuff164k",),
+        root_display=f"VOCdevkit/VOC{year}",
+        root_subdirs=(f"VOC{year}", f"VOCdevkit/VOC{year}"),
         label_note=note,
         hint=hint,
     )
+
+
+def _voc(name: str, num_classes: int, reduce: bool) -> DatasetSpec:
+    return _pascal(name, num_classes, reduce, 2012, "",
+                   _VOC_LABEL + (", 0 = background (dropped)" if reduce else ""),
+                   "Pass the VOC2012 folder or its parent VOCdevkit.")
+
+
+def _context(name: str, num_classes: int, reduce: bool) -> DatasetSpec:
+    return _pascal(
+        name, num_classes, reduce, 2010, "Context",
+        "0 = background" + (" (dropped)" if reduce else "") + ", 1..59 classes",
+        "Pass the VOC2010 folder or its parent VOCdevkit. SegmentationClassContext and "
+        "ImageSets/SegmentationContext come from mmsegmentation's "
+        "tools/dataset_converters/pascal_context.py (needs trainval_merged.json).",
+    )
+
+
+def _scanned(name: str, num_classes: int, img_dir: str, ann_dir: str, img_suffix: str,
+             seg_suffix: str, note: str, hint: str, *, root: str | None = None,
+             year: str = "", **extra: Any) -> DatasetSpec:
+    """A layout without split files: ``{img_dir}/{split}{year}`` is scanned for images."""
+    root = root or name
+    return DatasetSpec(name=name, num_classes=num_classes, img_dir=f"{img_dir}/{{split}}{year}",
+                       ann_dir=f"{ann_dir}/{{split}}{year}", img_suffix=img_suffix,
+                       seg_map_suffix=seg_suffix, split_file=None,
+                       reduce_zero_label=extra.pop("reduce_zero_label", False),
+                       root_display=root, root_subdirs=(root,), label_note=note, hint=hint,
+                       **extra)
+
+
+def _coco(name: str, num_classes: int, suffix: str, note: str, hint: str) -> DatasetSpec:
+    return _scanned(name, num_classes, "images", "annotations", ".jpg", suffix, note, hint,
+                    root="coco_stuff164k", year="2017")
 
 
 _LAYOUTS: dict[str, DatasetSpec] = {
@@ -175,39 +174,19 @@ _LAYOUTS: dict[str, DatasetSpec] = {
         "Create *_labelTrainIds.png with mmsegmentation's "
         "tools/dataset_converters/coco_stuff164k.py.",
     ),
-    "cityscapes": DatasetSpec(
-        name="cityscapes",
-        num_classes=19,
-        img_dir="leftImg8bit/{split}",
-        ann_dir="gtFine/{split}",
-        img_suffix="_leftImg8bit.png",
-        seg_map_suffix="_gtFine_labelTrainIds.png",
-        split_file=None,
-        reduce_zero_label=False,
-        root_display="cityscapes",
-        root_subdirs=("cityscapes",),
-        recursive=True,
-        id_pattern="{city}/{id}",
-        label_note="0..18 train ids, 255 = ignore",
-        hint=(
-            "Create *_gtFine_labelTrainIds.png with cityscapesscripts' createTrainIdLabelImgs "
-            "(or mmsegmentation's tools/dataset_converters/cityscapes.py)."
-        ),
+    "cityscapes": _scanned(
+        "cityscapes", 19, "leftImg8bit", "gtFine", "_leftImg8bit.png",
+        "_gtFine_labelTrainIds.png", "0..18 train ids, 255 = ignore",
+        "Create *_gtFine_labelTrainIds.png with cityscapesscripts' createTrainIdLabelImgs "
+        "(or mmsegmentation's tools/dataset_converters/cityscapes.py).",
+        recursive=True, id_pattern="{city}/{id}",
     ),
-    "ade20k": DatasetSpec(
-        name="ade20k",
-        num_classes=150,
-        img_dir="images/{split}",
-        ann_dir="annotations/{split}",
-        img_suffix=".jpg",
-        seg_map_suffix=".png",
-        split_file=None,
-        reduce_zero_label=True,
-        root_display="ADEChallengeData2016",
-        root_subdirs=("ADEChallengeData2016",),
+    "ade20k": _scanned(
+        "ade20k", 150, "images", "annotations", ".jpg", ".png",
+        "0 = other (dropped), 1..150 classes",
+        "Unzip ADEChallengeData2016.zip and pass the ADEChallengeData2016 folder.",
+        root="ADEChallengeData2016", reduce_zero_label=True,
         split_alias=(("val", "validation"), ("train", "training")),
-        label_note="0 = other (dropped), 1..150 classes",
-        hint="Unzip ADEChallengeData2016.zip and pass the ADEChallengeData2016 folder.",
     ),
 }
 

@@ -275,6 +275,51 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _prepare_state(state: EvalState | None, restart: bool, ctx: DistContext,
+                   names: Sequence[str]) -> dict[int, np.ndarray]:
+    """Check (rank 0) or create the state directory; the finished images it records."""
+    if state is None:
+        return {}
+    error = None
+    if ctx.is_main:
+        try:
+            state.prepare(restart=restart)
+        except EvalError as exc:
+            error = str(exc)
+    error = ctx.broadcast(error)
+    if error is not None:
+        raise StaleStateError(error)
+    return state.load(names)
+
+
+def _run_images(segmenter: Any, dataset: SegDataset, todo: Sequence[int], names: Sequence[str],
+                state: EvalState | None, total: np.ndarray, bar: Any) -> int:
+    """Segment and score images ``todo`` (adding into ``total``); returns how many finished."""
+    interrupt_after = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
+    c = total.shape[0]
+    finished = 0
+    for i in todo:
+        try:
+            sample = dataset[i]
+        except (OSError, ValueError) as exc:
+            raise EvalError(
+                f"cannot read sample {names[i]!r} of {dataset.benchmark} "
+                f"({dataset.image_path(i)}): {exc}. Progress so far is saved; fix or "
+                "replace the file and re-run the same command to resume."
+            ) from exc
+        pred = segmenter.predict_labels(sample.image)
+        m = confusion_matrix(pred, sample.label, c, dataset.ignore_index)
+        if state is not None:
+            state.record(i, names[i], m)
+        total += m
+        finished += 1
+        bar.update(1)
+        bar.set_postfix(mIoU=f"{SegMetrics.from_confusion(total).miou * 100:.2f}", refresh=False)
+        if interrupt_after and finished >= interrupt_after:
+            raise KeyboardInterrupt(f"{INTERRUPT_ENV}={interrupt_after}")
+    return finished
+
+
 def evaluate(
     segmenter: Any,
     dataset: SegDataset,
@@ -307,17 +352,7 @@ def evaluate(
         )
     n = len(dataset) if limit is None else min(limit, len(dataset))
     names = dataset.names[:n]
-    if state is not None:
-        error = None
-        if ctx.is_main:
-            try:
-                state.prepare(restart=restart)
-            except EvalError as exc:
-                error = str(exc)
-        error = ctx.broadcast(error)
-        if error is not None:
-            raise StaleStateError(error)
-    done = state.load(names) if state is not None else {}
+    done = _prepare_state(state, restart, ctx, names)
     mine = shard(range(n), ctx)
     total = np.zeros((c, c), dtype=np.int64)
     resumed = 0
@@ -326,7 +361,6 @@ def evaluate(
             total += _dense(done[i], c)
             resumed += 1
     todo = [i for i in mine if i not in done]
-    interrupt_after = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
 
     from tqdm.auto import tqdm
 
@@ -336,28 +370,8 @@ def evaluate(
     )
     if state is not None:
         state.open(ctx.rank)
-    finished = 0
     try:
-        for i in todo:
-            try:
-                sample = dataset[i]
-            except (OSError, ValueError) as exc:
-                raise EvalError(
-                    f"cannot read sample {names[i]!r} of {dataset.benchmark} "
-                    f"({dataset.image_path(i)}): {exc}. Progress so far is saved; fix or "
-                    "replace the file and re-run the same command to resume."
-                ) from exc
-            pred = segmenter.predict_labels(sample.image)
-            m = confusion_matrix(pred, sample.label, c, dataset.ignore_index)
-            if state is not None:
-                state.record(i, names[i], m)
-            total += m
-            finished += 1
-            bar.update(1)
-            bar.set_postfix(mIoU=f"{SegMetrics.from_confusion(total).miou * 100:.2f}",
-                            refresh=False)
-            if interrupt_after and finished >= interrupt_after:
-                raise KeyboardInterrupt(f"{INTERRUPT_ENV}={interrupt_after}")
+        finished = _run_images(segmenter, dataset, todo, names, state, total, bar)
     finally:
         bar.close()
         if state is not None:

@@ -1,4 +1,6 @@
-"""sfp.viz."""
+"""Views: figures (:mod:`~sfp.viz.figures`), Jupyter widgets (:mod:`~sfp.viz.widgets`) and the
+demo report (:mod:`~sfp.viz.demo`).
+"""
 
 from sfp._lazy import attach
 

@@ -157,14 +157,6 @@ def run_demo(
     quick: one image and no interactive page (tests use it). bundle: use this model instead
     of loading one (its label decides what the report says).
     """
-    from tqdm.auto import tqdm
-
-    from sfp.core.io import sample_images
-    from sfp.seg.pipeline import embed_classes
-    from sfp.viz.figures.export import IndexEntry, write_html_page, write_plotly_page
-    from sfp.viz.figures.render import render_image, render_som_detections
-    from sfp.viz.figures.views import image_view
-
     stream = stream or sys.stdout
     t0 = time.perf_counter()
     out = Path(out)
@@ -178,16 +170,49 @@ def run_demo(
     else:
         weights_note = f"Using {bundle.label}."
     _say(stream, weights_note)
+    reports, som, text_lines = _render_all(bundle, out, quick, progress)
+    layer_lines = _layer_table(reports[0])
+    som_lines = _som_lines(reports[0])
+    _say(stream)
+    _say(stream, "Text queries embedded:")
+    for line in text_lines:
+        _say(stream, "  " + line)
+    _say(stream)
+    first = reports[0]
+    _say(stream, f"Per-layer patch norms and flagged tokens — {first.view.name} "
+                 f"({first.view.size[0]} x {first.view.size[1]} px, {bundle.label}):")
+    for line in layer_lines:
+        _say(stream, "  " + line)
+    _say(stream)
+    for line in som_lines:
+        _say(stream, line)
+    page = None if quick else _interactive_page(out, reports, som, bundle, weights_note)
+    elapsed = time.perf_counter() - t0
+    report = _write_report(out, reports, som, page, bundle, weights_note,
+                           [*text_lines], layer_lines + [""] + som_lines, elapsed)
+    _say(stream)
+    _say(stream, f"Done in {elapsed:.0f} s. Open {report.resolve()}")
+    return report
+
+
+def _render_all(bundle: Any, out: Path, quick: bool, progress: bool
+                ) -> tuple[list[Any], Any, list[str]]:
+    """Embed the text queries and render every image: (image reports, SOM detections, the
+    text-query table)."""
+    from tqdm.auto import tqdm
+
+    from sfp.core.io import sample_images
+    from sfp.seg.pipeline import embed_classes
+    from sfp.viz.figures.render import render_image, render_som_detections
+    from sfp.viz.figures.views import image_view
 
     photos = sample_images()
     sources: list[tuple[str, Any, bool]] = [(n, photos[n], True) for n in DEMO_IMAGES]
     sources.append(("generated_scene", generated_scene(), False))
     if quick:
         sources = sources[:1]
-    total = 2 + 7 * len(sources) + 1
-    bar = tqdm(total=total, desc="demo", unit="step", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-
+    bar = tqdm(total=2 + 7 * len(sources) + 1, desc="demo", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
     t = time.perf_counter()
     queries = embed_classes(bundle, DEMO_CLASSES, list(DEMO_TEMPLATES))
     t_text = time.perf_counter() - t
@@ -200,55 +225,45 @@ def run_demo(
         f"(one template, {DEMO_TEMPLATES[0]!r}, to stay fast on a CPU; the paper averages the "
         "80 OpenAI ImageNet templates)",
     ]
-    ttext = f" (voc21, template {DEMO_TEMPLATES[0]!r})"
-
     views = [image_view(bundle, src, crop=crop, name=name) for name, src, crop in sources]
     bar.update(1)
     reports = []
     for view in views:
         bar.set_description(f"demo: {view.name}")
-        rep = render_image(
-            bundle, view, out / view.name, queries=queries, classes=DEMO_CLASSES, formats=("png",),
-            dpi=100,
-            interactive=not quick, templates_text=ttext,
+        reports.append(render_image(
+            bundle, view, out / view.name, queries=queries, classes=DEMO_CLASSES,
+            formats=("png",), dpi=100, interactive=not quick,
+            templates_text=f" (voc21, template {DEMO_TEMPLATES[0]!r})",
             step=lambda _name: bar.update(1),
-        )
-        reports.append(rep)
+        ))
     bar.set_description("demo: SOM detections")
     som = render_som_detections(bundle, views, out, formats=("png",), dpi=100,
                                 interactive=not quick, traces=[r.trace for r in reports])
     bar.update(1)
     bar.close()
+    return reports, som, text_lines
 
-    first = reports[0]
-    layer_lines = _layer_table(first)
-    som_lines = _som_lines(first)
-    _say(stream)
-    _say(stream, "Text queries embedded:")
-    for line in text_lines:
-        _say(stream, "  " + line)
-    _say(stream)
-    _say(stream, f"Per-layer patch norms and flagged tokens — {first.view.name} "
-                 f"({first.view.size[0]} x {first.view.size[1]} px, {bundle.label}):")
-    for line in layer_lines:
-        _say(stream, "  " + line)
-    _say(stream)
-    for line in som_lines:
-        _say(stream, line)
 
-    page = None
-    if not quick:
-        figs = [(f"{rep.view.name}: {fr.heading}", fr.plotly) for rep in reports
-                for fr in rep.figures if fr.plotly is not None]
-        notes = [fr.text for rep in reports for fr in rep.figures if fr.plotly is not None]
-        if som.plotly is not None:
-            figs.append((som.heading, som.plotly))
-            notes.append(som.text)
-        page = write_plotly_page(out / "interactive.html", figs,
-                                 title="sfp demo — interactive figures", banner=weights_note,
-                                 synthetic=bundle.is_synthetic, notes=notes)
+def _interactive_page(out: Path, reports: list[Any], som: Any, bundle: Any,
+                      weights_note: str) -> Path:
+    from sfp.viz.figures.export import write_plotly_page
 
-    elapsed = time.perf_counter() - t0
+    figs = [(f"{rep.view.name}: {fr.heading}", fr.plotly) for rep in reports
+            for fr in rep.figures if fr.plotly is not None]
+    notes = [fr.text for rep in reports for fr in rep.figures if fr.plotly is not None]
+    if som.plotly is not None:
+        figs.append((som.heading, som.plotly))
+        notes.append(som.text)
+    return write_plotly_page(out / "interactive.html", figs,
+                             title="sfp demo — interactive figures", banner=weights_note,
+                             synthetic=bundle.is_synthetic, notes=notes)
+
+
+def _write_report(out: Path, reports: list[Any], som: Any, page: Path | None, bundle: Any,
+                  weights_note: str, text_lines: list[str], stat_lines: list[str],
+                  elapsed: float) -> Path:
+    from sfp.viz.figures.export import IndexEntry, write_html_page
+
     entries: list[IndexEntry] = []
     for rep in reports:
         h, w = rep.view.size
@@ -271,13 +286,10 @@ def run_demo(
     if page is not None:
         intro.append(f'<p><a href="{page.name}">Interactive versions of all figures</a> '
                      "(plotly, works offline).</p>")
+    first = reports[0]
     intro += ["<h3>Text queries</h3>", _pre(text_lines),
               f"<h3>Per-layer outlier statistics — {html.escape(first.view.name)}</h3>",
-              _pre(layer_lines + [""] + som_lines),
-              f"<p class=\"files\">Rendered in {elapsed:.0f} s.</p>"]
-    report = write_html_page(out / "report.html", "sfp demo — attention outliers and SFP",
-                             entries, banner=weights_note, synthetic=bundle.is_synthetic,
-                             intro_html="\n".join(intro))
-    _say(stream)
-    _say(stream, f"Done in {elapsed:.0f} s. Open {report.resolve()}")
-    return report
+              _pre(stat_lines), f"<p class=\"files\">Rendered in {elapsed:.0f} s.</p>"]
+    return write_html_page(out / "report.html", "sfp demo — attention outliers and SFP",
+                           entries, banner=weights_note, synthetic=bundle.is_synthetic,
+                           intro_html="\n".join(intro))

@@ -38,7 +38,7 @@ from sfp.methods.stages import stage_ladder
 from sfp.seg.benchmarks import BENCHMARKS
 from sfp.seg.pipeline import PALETTE, Segmenter
 from sfp.viz.figures import style
-from sfp.viz.figures.views import ImageView, image_view
+from sfp.viz.figures.views import CropFigureData, ImageView, image_view
 
 __all__ = [
     "StageAblationData",
@@ -51,7 +51,7 @@ PAPER_REF = "paper Fig. 3 (with outliers / +SOM / +SAE), extended"
 
 
 @dataclass
-class StageAblationData:
+class StageAblationData(CropFigureData):
     """Features and labels of every column for one image.
 
     columns: names. tokens: (K, N, C) float32 final patch tokens before ln_post per column.
@@ -67,12 +67,6 @@ class StageAblationData:
     labels: np.ndarray
     outliers: np.ndarray
     class_names: list[str]
-    grid: tuple[int, int]
-    image: np.ndarray
-    name: str
-    label: str
-    is_synthetic: bool
-    config: str
     detect_layer: int
     meta: dict[str, Any] = field(default_factory=dict)
 

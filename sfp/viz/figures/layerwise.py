@@ -24,7 +24,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from sfp.viz.figures import style
-from sfp.viz.figures.views import ImageView, image_view
+from sfp.viz.figures.views import CropFigureData, ImageView, image_view
 
 __all__ = [
     "LayerwiseData",
@@ -60,7 +60,7 @@ def _view(bundle: Any, image: Any) -> ImageView:
 
 
 @dataclass
-class LayerwiseData:
+class LayerwiseData(CropFigureData):
     """Plain and purified patch tokens of one image.
 
     layers: the L' layers shown. raw: (L', N, C) plain forward's patch tokens. purified:
@@ -73,12 +73,6 @@ class LayerwiseData:
     raw: np.ndarray
     purified: np.ndarray
     masks: np.ndarray
-    grid: tuple[int, int]
-    image: np.ndarray
-    name: str
-    label: str
-    is_synthetic: bool
-    config: str
 
     def norm_maps(self) -> tuple[np.ndarray, np.ndarray]:
         """(L', gh, gw) L2 norms of the raw and the purified tokens."""

@@ -11,8 +11,8 @@
     layer m > l (outliers that appear tend to stay).
 
 :func:`norm_maps` draws the per-layer patch-norm maps as small multiples on one shared
-logarithmic colour scale (the planted model's premise: "a few tokens acquire very large norms from a middle
-layer on").
+logarithmic colour scale (outliers are a few tokens that acquire very large norms from a middle
+layer on).
 """
 
 from __future__ import annotations
@@ -162,6 +162,82 @@ def _layer_range(layers: Sequence[int]) -> str:
     return f"layers {layers[0]}–{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
 
 
+def _norm_panel(ax_n: Any, d: PropagationData, x: np.ndarray) -> None:
+    """(a) max and median patch norm per layer, log scale."""
+    ax_n.plot(x, d.max_norm, "o-", color="#d62728", label="max patch norm")
+    ax_n.plot(x, d.median_norm, "s-", color="#555555", label="median patch norm")
+    ax_n.set_yscale("log")
+    lo = float(np.nanmin(d.median_norm))
+    style.set_log_ticks(ax_n.yaxis, lo * 0.9, float(np.nanmax(d.max_norm)) * 1.1)
+    ax_n.set_ylabel("‖h‖₂ (log scale)")
+    ax_n.set_title("(a) patch-token L2 norm", loc="left")
+    ax_n.legend(loc="upper left")
+
+
+def _attention_panel(ax_a: Any, d: PropagationData, x: np.ndarray) -> None:
+    """(b) the class token's largest attention to one patch against the uniform level."""
+    if np.isfinite(d.max_cls_attention).any():
+        ax_a.plot(x, d.max_cls_attention, "o-", color="#ff7f0e",
+                  label="max over patches (head mean)")
+        ax_a.axhline(d.uniform_attention, color="#777777", ls="--", lw=1,
+                     label=f"uniform 1/N = {d.uniform_attention:.2g}")
+        ax_a.set_yscale("log")
+        style.set_log_ticks(ax_a.yaxis, d.uniform_attention * 0.9,
+                            float(np.nanmax(d.max_cls_attention)) * 1.1)
+        ax_a.legend(loc="upper left")
+    else:
+        ax_a.text(0.5, 0.5, "no attention recorded", ha="center", va="center",
+                  transform=ax_a.transAxes)
+    ax_a.set_ylabel("attention weight")
+    ax_a.set_title("(b) class-token attention to a patch", loc="left")
+
+
+def _count_panel(ax_c: Any, d: PropagationData, x: np.ndarray, det: str) -> None:
+    """(c) flagged patches per detector and layer."""
+    n = d.grid[0] * d.grid[1]
+    for i, (name, counts) in enumerate(d.counts.items()):
+        kw = style.detector_line(name, i, len(d.counts))
+        dx = kw.pop("dx")
+        ax_c.plot(x + dx, counts, label=name, lw=2.2 if name == det else 1.3, **kw)
+    ax_c.set_ylabel(f"flagged patches (of {n})")
+    ax_c.text(1.0, 1.02, "points offset sideways so equal counts stay visible",
+              transform=ax_c.transAxes, ha="right", va="bottom", fontsize=7.5,
+              color="#666666")
+    ax_c.set_xlabel("layer (output of block l)")
+    ax_c.set_title("(c) outliers flagged per detector", loc="left")
+    ax_c.legend(loc="best", ncols=min(4, len(d.counts)))
+    ax_c.set_xticks(x)
+    ax_c.set_ylim(bottom=0)
+    ax_c.grid(alpha=0.3)
+
+
+def _persistence_panels(fig: Figure, ax_p: Any, ax_s: Any, d: PropagationData, x: np.ndarray,
+                        det: str) -> None:
+    """(d) persistence matrix of ``det``; (e) flagged at l, still flagged at l + 1."""
+    im = ax_p.imshow(d.persistence[det], cmap="magma_r", vmin=0, vmax=1, aspect="equal")
+    ax_p.set_xticks(range(len(x)), [str(v) for v in x])
+    ax_p.set_yticks(range(len(x)), [str(v) for v in x])
+    ax_p.tick_params(labelsize=8)
+    ax_p.set_xlabel("later layer m")
+    ax_p.set_ylabel("layer l where flagged")
+    ax_p.set_title(f"(d) persistence ({det}): flagged at l, still flagged at m", loc="left")
+    for side in ("top", "right"):
+        ax_p.spines[side].set_visible(True)
+    style.add_colorbar(fig, im, ax_p, "fraction still flagged")
+    for k, name in enumerate(d.detectors):
+        m = d.persistence[name]
+        nxt = np.array([m[i, i + 1] for i in range(len(x) - 1)])
+        kw = style.detector_line(name, k, len(d.detectors))
+        dx = kw.pop("dx")
+        ax_s.plot(x[:-1] + dx, nxt, label=name, lw=2.2 if name == det else 1.3, **kw)
+    ax_s.set_ylim(-0.05, 1.05)
+    ax_s.set_xticks(x)
+    ax_s.set_xlabel("layer l")
+    ax_s.set_ylabel("fraction")
+    ax_s.set_title("(e) flagged at l, still flagged at l + 1", loc="left")
+    ax_s.grid(alpha=0.3)
+
+
 def propagation(source: Any, image: Any = None, *, detector: str | None = None,
                 **kwargs: Any) -> Figure:
     """Outlier propagation across layers (panels a-d, see the module doc) as a Figure.
@@ -181,74 +257,13 @@ def propagation(source: Any, image: Any = None, *, detector: str | None = None,
         ax_p = fig.add_subplot(gs[0:2, 1])
         ax_s = fig.add_subplot(gs[2, 1])
 
-        ax_n.plot(x, d.max_norm, "o-", color="#d62728", label="max patch norm")
-        ax_n.plot(x, d.median_norm, "s-", color="#555555", label="median patch norm")
-        ax_n.set_yscale("log")
-        lo = float(np.nanmin(d.median_norm))
-        style.set_log_ticks(ax_n.yaxis, lo * 0.9, float(np.nanmax(d.max_norm)) * 1.1)
-        ax_n.set_ylabel("‖h‖₂ (log scale)")
-        ax_n.set_title("(a) patch-token L2 norm", loc="left")
-        ax_n.legend(loc="upper left")
-
-        if np.isfinite(d.max_cls_attention).any():
-            ax_a.plot(x, d.max_cls_attention, "o-", color="#ff7f0e",
-                      label="max over patches (head mean)")
-            ax_a.axhline(d.uniform_attention, color="#777777", ls="--", lw=1,
-                         label=f"uniform 1/N = {d.uniform_attention:.2g}")
-            ax_a.set_yscale("log")
-            style.set_log_ticks(ax_a.yaxis, d.uniform_attention * 0.9,
-                                float(np.nanmax(d.max_cls_attention)) * 1.1)
-            ax_a.legend(loc="upper left")
-        else:
-            ax_a.text(0.5, 0.5, "no attention recorded", ha="center", va="center",
-                      transform=ax_a.transAxes)
-        ax_a.set_ylabel("attention weight")
-        ax_a.set_title("(b) class-token attention to a patch", loc="left")
-
-        n = d.grid[0] * d.grid[1]
-        for i, (name, counts) in enumerate(d.counts.items()):
-            kw = style.detector_line(name, i, len(d.counts))
-            dx = kw.pop("dx")
-            ax_c.plot(x + dx, counts, label=name, lw=2.2 if name == det else 1.3, **kw)
-        ax_c.set_ylabel(f"flagged patches (of {n})")
-        ax_c.text(1.0, 1.02, "points offset sideways so equal counts stay visible",
-                  transform=ax_c.transAxes, ha="right", va="bottom", fontsize=7.5,
-                  color="#666666")
-        ax_c.set_xlabel("layer (output of block l)")
-        ax_c.set_title("(c) outliers flagged per detector", loc="left")
-        ax_c.legend(loc="best", ncols=min(4, len(d.counts)))
-        ax_c.set_xticks(x)
-        ax_c.set_ylim(bottom=0)
+        _norm_panel(ax_n, d, x)
+        _attention_panel(ax_a, d, x)
+        _count_panel(ax_c, d, x, det)
         for ax in (ax_n, ax_a):
             ax.tick_params(labelbottom=False)
             ax.grid(alpha=0.3)
-        ax_c.grid(alpha=0.3)
-
-        mat = d.persistence[det]
-        im = ax_p.imshow(mat, cmap="magma_r", vmin=0, vmax=1, aspect="equal")
-        ax_p.set_xticks(range(len(x)), [str(v) for v in x])
-        ax_p.set_yticks(range(len(x)), [str(v) for v in x])
-        ax_p.tick_params(labelsize=8)
-        ax_p.set_xlabel("later layer m")
-        ax_p.set_ylabel("layer l where flagged")
-        ax_p.set_title(f"(d) persistence ({det}): flagged at l, still flagged at m",
-                       loc="left")
-        for s in ("top", "right"):
-            ax_p.spines[s].set_visible(True)
-        style.add_colorbar(fig, im, ax_p, "fraction still flagged")
-
-        for k, name in enumerate(d.detectors):
-            m = d.persistence[name]
-            nxt = np.array([m[i, i + 1] for i in range(len(x) - 1)])
-            kw = style.detector_line(name, k, len(d.detectors))
-            dx = kw.pop("dx")
-            ax_s.plot(x[:-1] + dx, nxt, label=name, lw=2.2 if name == det else 1.3, **kw)
-        ax_s.set_ylim(-0.05, 1.05)
-        ax_s.set_xticks(x)
-        ax_s.set_xlabel("layer l")
-        ax_s.set_ylabel("fraction")
-        ax_s.set_title("(e) flagged at l, still flagged at l + 1", loc="left")
-        ax_s.grid(alpha=0.3)
+        _persistence_panels(fig, ax_p, ax_s, d, x, det)
         fig.suptitle(style.wrap_title(style.figure_title(
             "Outlier propagation across layers", paper_ref=PAPER_REF, label=d.label,
             is_synthetic=d.is_synthetic, layers=_layer_range(d.layers),

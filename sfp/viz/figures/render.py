@@ -118,94 +118,118 @@ def render_image(
     out.mkdir(parents=True, exist_ok=True)
     tick = step or (lambda _name: None)
     rep = ImageReport(view=view)
-    trace = record(bundle, view.pixels)
+    rep.trace = record(bundle, view.pixels)
     detectors = [d for d in ("som", "l2", "lof", "norm_z") if d in available_detectors()]
-    stats = layer_statistics(trace, trace.layers, detectors)
-    rep.trace, rep.stats = trace, stats
+    rep.stats = layer_statistics(rep.trace, rep.trace.layers, detectors)
     tick("trace")
-
-    def add(key: str, fig: Any, text: str, plotly_fig: Any) -> None:
-        files = save_figure(fig, out / key, formats=formats, dpi=dpi)
-        rep.figures.append(FigureResult(key, FAMILIES[key][0] + f" ({FAMILIES[key][1]})", text,
-                                        files, plotly_fig))
-        tick(key)
-
-    # 1. outlier grid
-    og = outlier_grid_data(trace, view.rgb, layers=layers, detector=detector,
-                                        head=head, patch=patch)
-    counts = ", ".join(f"layer {lay}: {int(og.masks[lay].sum())}" for lay in og.layers)
-    add("outlier_grid", outlier_grid(og),
-        f"Columns are layers {_fmt_layers(og.layers)}. Top row: the patch-to-patch attention; "
-        "bright vertical bands are keys that every patch attends to — the outliers. Rows 2–5: "
-        "the class token and the selected patch ★ put their attention on those same few "
-        f"patches (white boxes: flagged by {og.detector_text}; {counts}). Bottom row: the "
-        "selected patch's attention with the flagged patches removed — what is left is its "
-        "attention to its neighbourhood and to related regions.",
-        outlier_grid_plotly(og) if interactive else None)
-
-    # 2. propagation + norm maps
-    pd = propagation_data(trace, view.rgb, stats=stats)
-    onset, ratio = _onset(stats)
-    onset_text = (f"the largest patch norm leaves the median at layer {onset} and ends "
-                  f"{ratio:.0f}x above it" if onset is not None else
-                  f"no patch norm rises above 5x the median (last layer: {ratio:.1f}x)")
-    add("propagation", propagation(pd),
-        f"(a) Here {onset_text}. (b) The class token's largest attention to a single patch, "
-        "against the uniform level 1/N: once outliers exist it pours its attention into "
-        "them. (c) How many patches each detector flags. (d, e) Whether flagged patches stay "
-        "flagged in later layers: outliers that appear in a middle layer and persist to the "
-        "last are what SFP's mitigator removes.",
-        propagation_plotly(pd) if interactive else None)
-    add("norm_maps", norm_maps(pd, detector=detector),
-        "Patch-token norms of every layer on one logarithmic colour scale. Outliers are the "
-        "few bright patches: see where they sit (flat, low-information regions such as sky "
-        f"or background in real CLIP) and that they stay in place; cyan boxes: {detector}'s "
-        "flags.",
-        norm_maps_plotly(pd) if interactive else None)
-
-    # 3. agreement
-    ad = agreement_data(trace, stats=stats)
-    last = ad.jaccard[-1]
-    pairs = ", ".join(f"{ad.detectors[i]}–{ad.detectors[j]} {last[i, j]:.2f}"
-                      for i, j in ad.pairs() if "som" in (ad.detectors[i], ad.detectors[j]))
-    add("detector_agreement", detector_agreement(ad),
-        "Jaccard overlap of the patches the detectors flag, per layer. SOM reads attention, "
-        "l2 and norm_z read norms, LOF reads neighbourhoods: where they agree the attention "
-        "sinks are the high-norm tokens. Blank cells: neither detector flags anything. At "
-        f"layer {ad.layers[-1]}: {pairs}.",
-        detector_agreement_plotly(ad) if interactive else None)
-
-    # 4. stage ablation
-    ab = ab_mod.stage_ablation_data(bundle, view, classes, config=config, baselines=baselines,
-                                    queries=queries, trace=trace)
-    rep.ablation = ab
-    k_sfp = ab.columns.index("SFP")
-    cos = ab.cosine(k_sfp, 0)
-    flagged = ab.outliers.reshape(-1)
-    cos_text = f"mean cosine similarity of SFP's and CLIP's patch features {cos.mean():.2f}"
-    if flagged.any():
-        cos_text += (f" ({cos[flagged].mean():.2f} at the {int(flagged.sum())} flagged, "
-                     f"{cos[~flagged].mean():.2f} elsewhere)")
-    add("stage_ablation", ab_mod.stage_ablation(ab, mode=feature_map),
-        "Left to right: plain CLIP, SFP with SOM, SOM+SAE and all three stages (SFPConfig "
-        f"switches), then {', '.join(ab.columns[4:]) or 'no baselines'}. Top: final patch "
-        f"tokens ({feature_map}); white boxes: SOM's outliers at layer {ab.detect_layer} — "
-        "bright in CLIP, gone after SOM. Bottom: segmentation of the crop with "
-        f"{len(ab.class_names)} classes{templates_text}. Here the {cos_text}.",
-        ab_mod.stage_ablation_plotly(ab) if interactive else None)
-
-    # 5. layer-wise purification
-    lw = lw_mod.layerwise_data(bundle, view, plain_trace=trace)
-    rep.layerwise = lw
-    flags = ", ".join(f"{lay}: {int(m.sum())}" for lay, m in zip(lw.layers, lw.masks,
-                                                                  strict=True))
-    add("layerwise_purification", lw_mod.layerwise_purification(lw, mode=feature_map),
-        f"Row (a): token norms of layers {_fmt_layers(lw.layers)} in the plain forward; row "
-        "(b): the paper preset, where SOM purifies every layer's output before the next block "
-        f"(flagged per layer — {flags}). Bright spots that appear in (a) and stay are "
-        "outliers; in (b) they are replaced as soon as they appear and do not propagate.",
-        lw_mod.layerwise_purification_plotly(lw) if interactive else None)
+    r = _Renderer(rep, out, formats, dpi, interactive, tick)
+    r.outlier_grid(layers, detector, head, patch)
+    r.propagation(detector)
+    r.agreement()
+    r.ablation(bundle, classes, config, baselines, queries, feature_map, templates_text)
+    r.layerwise(bundle, feature_map)
     return rep
+
+
+@dataclass
+class _Renderer:
+    """Draws and saves one image's figure families into ``rep`` (one method per family)."""
+
+    rep: ImageReport
+    out: Path
+    formats: Sequence[str]
+    dpi: int
+    interactive: bool
+    tick: Callable[[str], None]
+
+    def add(self, key: str, fig: Any, text: str, plotly_fig: Any) -> None:
+        files = save_figure(fig, self.out / key, formats=self.formats, dpi=self.dpi)
+        self.rep.figures.append(FigureResult(key, FAMILIES[key][0] + f" ({FAMILIES[key][1]})",
+                                             text, files, plotly_fig))
+        self.tick(key)
+
+    def _plotly(self, builder: Callable[..., Any], data: Any) -> Any:
+        return builder(data) if self.interactive else None
+
+    def outlier_grid(self, layers: Any, detector: str, head: Any, patch: Any) -> None:
+        og = outlier_grid_data(self.rep.trace, self.rep.view.rgb, layers=layers,
+                               detector=detector, head=head, patch=patch)
+        counts = ", ".join(f"layer {lay}: {int(og.masks[lay].sum())}" for lay in og.layers)
+        self.add("outlier_grid", outlier_grid(og),
+                 f"Columns are layers {_fmt_layers(og.layers)}. Top row: the patch-to-patch "
+                 "attention; bright vertical bands are keys that every patch attends to — the "
+                 "outliers. Rows 2–5: the class token and the selected patch ★ put their "
+                 "attention on those same few patches (white boxes: flagged by "
+                 f"{og.detector_text}; {counts}). Bottom row: the selected patch's attention "
+                 "with the flagged patches removed — what is left is its attention to its "
+                 "neighbourhood and to related regions.",
+                 self._plotly(outlier_grid_plotly, og))
+
+    def propagation(self, detector: str) -> None:
+        pd = propagation_data(self.rep.trace, self.rep.view.rgb, stats=self.rep.stats)
+        onset, ratio = _onset(self.rep.stats)
+        onset_text = (f"the largest patch norm leaves the median at layer {onset} and ends "
+                      f"{ratio:.0f}x above it" if onset is not None else
+                      f"no patch norm rises above 5x the median (last layer: {ratio:.1f}x)")
+        self.add("propagation", propagation(pd),
+                 f"(a) Here {onset_text}. (b) The class token's largest attention to a single "
+                 "patch, against the uniform level 1/N: once outliers exist it pours its "
+                 "attention into them. (c) How many patches each detector flags. (d, e) "
+                 "Whether flagged patches stay flagged in later layers: outliers that appear "
+                 "in a middle layer and persist to the last are what SFP's mitigator removes.",
+                 self._plotly(propagation_plotly, pd))
+        self.add("norm_maps", norm_maps(pd, detector=detector),
+                 "Patch-token norms of every layer on one logarithmic colour scale. Outliers are "
+                 "the few bright patches: see where they sit (flat, low-information regions "
+                 "such as sky or background in real CLIP) and that they stay in place; cyan "
+                 f"boxes: {detector}'s flags.",
+                 self._plotly(norm_maps_plotly, pd))
+
+    def agreement(self) -> None:
+        ad = agreement_data(self.rep.trace, stats=self.rep.stats)
+        last = ad.jaccard[-1]
+        pairs = ", ".join(f"{ad.detectors[i]}–{ad.detectors[j]} {last[i, j]:.2f}"
+                          for i, j in ad.pairs() if "som" in (ad.detectors[i], ad.detectors[j]))
+        self.add("detector_agreement", detector_agreement(ad),
+                 "Jaccard overlap of the patches the detectors flag, per layer. SOM reads "
+                 "attention, l2 and norm_z read norms, LOF reads neighbourhoods: where they "
+                 "agree the attention sinks are the high-norm tokens. Blank cells: neither "
+                 f"detector flags anything. At layer {ad.layers[-1]}: {pairs}.",
+                 self._plotly(detector_agreement_plotly, ad))
+
+    def ablation(self, bundle: Any, classes: Any, config: Any, baselines: Sequence[str],
+                 queries: Any, feature_map: str, templates_text: str) -> None:
+        ab = ab_mod.stage_ablation_data(bundle, self.rep.view, classes, config=config,
+                                        baselines=baselines, queries=queries,
+                                        trace=self.rep.trace)
+        self.rep.ablation = ab
+        cos = ab.cosine(ab.columns.index("SFP"), 0)
+        flagged = ab.outliers.reshape(-1)
+        cos_text = f"mean cosine similarity of SFP's and CLIP's patch features {cos.mean():.2f}"
+        if flagged.any():
+            cos_text += (f" ({cos[flagged].mean():.2f} at the {int(flagged.sum())} flagged, "
+                         f"{cos[~flagged].mean():.2f} elsewhere)")
+        self.add("stage_ablation", ab_mod.stage_ablation(ab, mode=feature_map),
+                 "Left to right: the stage ladder — plain CLIP, SFP with SOM, SOM+SAE and all "
+                 f"three stages — then {', '.join(ab.columns[4:]) or 'no baselines'}. Top: "
+                 f"final patch tokens ({feature_map}); white boxes: SOM's outliers at layer "
+                 f"{ab.detect_layer} — bright in CLIP, gone after SOM. Bottom: segmentation of "
+                 f"the crop with {len(ab.class_names)} classes{templates_text}. Here the "
+                 f"{cos_text}.",
+                 self._plotly(ab_mod.stage_ablation_plotly, ab))
+
+    def layerwise(self, bundle: Any, feature_map: str) -> None:
+        lw = lw_mod.layerwise_data(bundle, self.rep.view, plain_trace=self.rep.trace)
+        self.rep.layerwise = lw
+        flags = ", ".join(f"{lay}: {int(m.sum())}" for lay, m in zip(lw.layers, lw.masks,
+                                                                      strict=True))
+        self.add("layerwise_purification", lw_mod.layerwise_purification(lw, mode=feature_map),
+                 f"Row (a): token norms of layers {_fmt_layers(lw.layers)} in the plain "
+                 "forward; row (b): the paper preset, where SOM purifies every layer's output "
+                 f"before the next block (flagged per layer — {flags}). Bright spots that "
+                 "appear in (a) and stay are outliers; in (b) they are replaced as soon as they "
+                 "appear and do not propagate.",
+                 self._plotly(lw_mod.layerwise_purification_plotly, lw))
 
 
 def render_som_detections(

@@ -11,7 +11,7 @@ import torch
 
 from sfp.core import io
 
-__all__ = ["ImageView", "default_layers", "image_view", "patch_index"]
+__all__ = ["CropFigureData", "ImageView", "default_layers", "image_view", "patch_index"]
 
 # The released notebook's layers (1-indexed blocks) for a 12-block ViT.
 _NOTEBOOK_LAYERS_12 = (1, 6, 8, 11)
@@ -33,6 +33,23 @@ class ImageView:
     def size(self) -> tuple[int, int]:
         """(H, W) in pixels."""
         return int(self.rgb.shape[0]), int(self.rgb.shape[1])
+
+
+@dataclass
+class CropFigureData:
+    """What every figure drawn from one image crop records about its source.
+
+    grid: (gh, gw) patches; image: (H, W, 3) the crop in [0, 1]; name: the image's name;
+    label: model and weights (``bundle.label``); is_synthetic: a planted-outlier model;
+    config: the SFP configuration's constructor text.
+    """
+
+    grid: tuple[int, int]
+    image: np.ndarray
+    name: str
+    label: str
+    is_synthetic: bool
+    config: str
 
 
 def image_view(

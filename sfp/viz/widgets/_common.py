@@ -220,6 +220,70 @@ def image_axes(fig: go.Figure, n: int = 1) -> None:
         )
 
 
+def truth_vector(truth: Any, index: int, num_patches: int, images: Any = None
+                 ) -> np.ndarray | None:
+    """A ground-truth outlier mask as (N,) bool.
+
+    truth: a tensor/array of shape (N,), (B, N), (gh, gw) or (B, gh, gw) (e.g.
+    ``PlantedTruth.mask(images)``), or a :class:`sfp.models.synthetic.PlantedTruth` itself, whose
+    ``mask(images)`` is then evaluated on ``images`` (normalised (B, 3, H, W)).
+    """
+    if truth is None:
+        return None
+    if callable(getattr(truth, "mask", None)):
+        if not (isinstance(images, torch.Tensor) and images.ndim == 4):
+            raise ValueError(
+                "truth is a PlantedTruth: pass truth=truth.mask(images), or pass the normalised "
+                "images (B, 3, H, W) as the image argument so the mask can be computed"
+            )
+        truth = truth.mask(images)
+    arr = truth.detach().cpu().numpy() if isinstance(truth, torch.Tensor) else np.asarray(truth)
+    arr = arr.astype(bool)
+    if arr.size == num_patches:
+        return arr.reshape(num_patches)
+    if arr.ndim >= 2 and arr[index].size == num_patches:
+        return arr[index].reshape(num_patches)
+    raise ValueError(
+        f"truth must hold one flag per patch (N={num_patches}) per image, got shape {arr.shape}"
+    )
+
+
+def bind_trace(widget: Any, trace: Any, index: int, truth: Any, image: Any,
+               mean: Sequence[float], std: Sequence[float]) -> int:
+    """Attach ``trace`` (image ``index`` of its batch) to a trace widget: sets ``trace``,
+    ``index``, ``grid``, ``image_size``, ``patch_px``, ``has_attention``, ``has_hidden``,
+    ``truth`` (see :func:`truth_vector`) and ``image_rgb`` (the image to draw under the maps,
+    ``mean`` / ``std`` undone for a normalised tensor; None without an image); returns the
+    number of patches N."""
+    widget.trace = trace
+    widget.index = int(index)
+    widget.grid, widget.image_size, widget.patch_px = trace_geometry(trace)
+    n = widget.grid[0] * widget.grid[1]
+    widget.has_attention = trace.has_attention
+    widget.has_hidden = trace.has_hidden
+    widget.truth = truth_vector(truth, widget.index, n, image)
+    widget.image_rgb = None if image is None else display_image(
+        image, widget.image_size, index=widget.index, mean=mean, std=std)
+    return n
+
+
+def fixed_image_axes(fig: go.Figure, k: int, height: int, width: int) -> None:
+    """Axes of subplot ``k`` (1-based) spanning an ``height x width`` image: y downwards,
+    square pixels, no ticks, fixed ranges (images given as data URIs have no extent)."""
+    suffix = "" if k == 1 else str(k)
+    fig.layout[f"xaxis{suffix}"].update(range=[0, width], showticklabels=False, showgrid=False,
+                                        zeroline=False)
+    fig.layout[f"yaxis{suffix}"].update(range=[height, 0], showticklabels=False, showgrid=False,
+                                        zeroline=False, scaleanchor=f"x{suffix}")
+
+
+def labels_uri(labels: np.ndarray, colors: np.ndarray, image: np.ndarray | None = None,
+               alpha: float = 0.55) -> str:
+    """A label map painted (over ``image``, see :func:`colorize_labels`) as a PNG data URI
+    for ``go.Image(source=...)``."""
+    return png_data_uri(colorize_labels(labels, colors, image, alpha))
+
+
 def png_data_uri(rgb: np.ndarray) -> str:
     """``(H, W, 3)`` uint8 -> a ``data:image/png;base64,...`` URI for ``go.Image(source=...)``.
 

@@ -37,8 +37,8 @@ from sfp.core.outliers import (
 from sfp.models.loading import OPENAI_MEAN, OPENAI_STD
 from sfp.viz.widgets._common import (
     SFPWidget,
+    bind_trace,
     describe_source,
-    display_image,
     html_escape,
     image_axes,
     param_slider,
@@ -46,10 +46,9 @@ from sfp.viz.widgets._common import (
     patch_centers,
     png_data_uri,
     static_copy,
-    trace_geometry,
 )
 
-__all__ = ["MAPS", "OutlierExplorer", "layer_slider_for", "truth_vector"]
+__all__ = ["MAPS", "OutlierExplorer", "layer_slider_for"]
 
 #: Map key -> label shown in the map dropdown.
 MAPS: dict[str, str] = {
@@ -84,33 +83,6 @@ def layer_slider_for(layers: Sequence[int], value: int, description: str = "laye
                                    continuous_update=False, style=style)
 
 
-def truth_vector(truth: Any, index: int, num_patches: int, images: Any = None) -> np.ndarray | None:
-    """A ground-truth outlier mask as (N,) bool.
-
-    truth: a tensor/array of shape (N,), (B, N), (gh, gw) or (B, gh, gw) (e.g.
-    ``PlantedTruth.mask(images)``), or a :class:`sfp.models.synthetic.PlantedTruth` itself, whose
-    ``mask(images)`` is then evaluated on ``images`` (normalised (B, 3, H, W)).
-    """
-    if truth is None:
-        return None
-    if callable(getattr(truth, "mask", None)):
-        if not (isinstance(images, torch.Tensor) and images.ndim == 4):
-            raise ValueError(
-                "truth is a PlantedTruth: pass truth=truth.mask(images), or pass the normalised "
-                "images (B, 3, H, W) as the image argument so the mask can be computed"
-            )
-        truth = truth.mask(images)
-    arr = truth.detach().cpu().numpy() if isinstance(truth, torch.Tensor) else np.asarray(truth)
-    arr = arr.astype(bool)
-    if arr.size == num_patches:
-        return arr.reshape(num_patches)
-    if arr.ndim >= 2 and arr[index].size == num_patches:
-        return arr[index].reshape(num_patches)
-    raise ValueError(
-        f"truth must hold one flag per patch (N={num_patches}) per image, got shape {arr.shape}"
-    )
-
-
 class OutlierExplorer(SFPWidget):
     """Explore attention maps, token norms and detector flags of one recorded image.
 
@@ -143,55 +115,13 @@ class OutlierExplorer(SFPWidget):
         size: int = 460,
     ) -> None:
         super().__init__()
-        self.trace = trace
-        self.index = int(index)
-        self.grid, self.image_size, self.patch_px = trace_geometry(trace)
-        n = self.grid[0] * self.grid[1]
-        self.has_attention = trace.has_attention
-        self.has_hidden = trace.has_hidden
-        self.truth = truth_vector(truth, self.index, n, image)
+        n = bind_trace(self, trace, index, truth, image, mean, std)
         self.selected_patch: int | None = (self.grid[0] // 2) * self.grid[1] + self.grid[1] // 2
         self.last_error: str | None = None
         self._results: dict[tuple[Any, ...], OutlierResult] = {}
 
-        layers = list(trace.layers)
-        if layer is None:
-            layer = layers[-2] if len(layers) > 1 else layers[0]
-        if layer not in layers:
-            raise ValueError(f"layer {layer} was not recorded; recorded layers: {layers}")
-        self.layer_slider = layer_slider_for(layers, int(layer))
+        self._make_controls(layer, map, detector, n, opacity=0.6 if image is not None else 1.0)
 
-        heads = trace.num_heads if self.has_attention else 1
-        head_options: list[tuple[str, int]] = [("mean over heads", -1)]
-        if heads > 1:
-            head_options += [(f"head {h}", h) for h in range(heads)]
-        self.head_dropdown = widgets.Dropdown(options=head_options, value=-1, description="head")
-
-        maps = [k for k in MAPS if self.has_attention or k not in _ATTENTION_MAPS]
-        if map not in maps:
-            raise ValueError(f"map must be one of {maps} for this trace, got {map!r}")
-        self.map_dropdown = widgets.Dropdown(
-            options=[(MAPS[k], k) for k in maps], value=map, description="map"
-        )
-        usable = [d for d in available_detectors() if self._detector_usable(d)]
-        if detector not in usable:
-            raise ValueError(f"detector must be one of {usable} for this trace, got {detector!r}")
-        self.detector_dropdown = widgets.Dropdown(options=usable, value=detector,
-                                                  description="detector")
-        self.param_sliders = self._make_param_sliders(n)
-        self.show_flags_checkbox = widgets.Checkbox(value=True, description="mark flagged tokens")
-        self.log_checkbox = widgets.Checkbox(value=False, description="log10 colour scale")
-        self.opacity_slider = widgets.FloatSlider(
-            value=0.6 if image is not None else 1.0, min=0.0, max=1.0, step=0.05,
-            description="opacity", continuous_update=False,
-        )
-        self.status = widgets.HTML()
-
-        self.image_rgb = (
-            display_image(image, self.image_size, index=self.index, mean=mean, std=std)
-            if image is not None
-            else None
-        )
         self.figure = go.FigureWidget(self._build_figure(size))
         traces = {t.meta: t for t in self.figure.data}
         self.heatmap = traces["map"]
@@ -228,6 +158,43 @@ class OutlierExplorer(SFPWidget):
         """Selected head, None for the mean over heads."""
         h = int(self.head_dropdown.value)
         return None if h < 0 else h
+
+    def _make_controls(self, layer: int | None, map: str, detector: str, n: int,
+                       opacity: float) -> None:
+        """Layer, head, map and detector controls, the parameter sliders and checkboxes."""
+        layers = list(self.trace.layers)
+        if layer is None:
+            layer = layers[-2] if len(layers) > 1 else layers[0]
+        if layer not in layers:
+            raise ValueError(f"layer {layer} was not recorded; recorded layers: {layers}")
+        self.layer_slider = layer_slider_for(layers, int(layer))
+
+        heads = self.trace.num_heads if self.has_attention else 1
+        head_options: list[tuple[str, int]] = [("mean over heads", -1)]
+        if heads > 1:
+            head_options += [(f"head {h}", h) for h in range(heads)]
+        self.head_dropdown = widgets.Dropdown(options=head_options, value=-1, description="head")
+
+        maps = [k for k in MAPS if self.has_attention or k not in _ATTENTION_MAPS]
+        if map not in maps:
+            raise ValueError(f"map must be one of {maps} for this trace, got {map!r}")
+        self.map_dropdown = widgets.Dropdown(
+            options=[(MAPS[k], k) for k in maps], value=map, description="map"
+        )
+        usable = [d for d in available_detectors() if self._detector_usable(d)]
+        if detector not in usable:
+            raise ValueError(f"detector must be one of {usable} for this trace, got {detector!r}")
+        self.detector_dropdown = widgets.Dropdown(options=usable, value=detector,
+                                                  description="detector")
+        self.param_sliders = self._make_param_sliders(n)
+        self.show_flags_checkbox = widgets.Checkbox(value=True, description="mark flagged tokens")
+        self.log_checkbox = widgets.Checkbox(value=False, description="log10 colour scale")
+        self.opacity_slider = widgets.FloatSlider(
+            value=opacity, min=0.0, max=1.0, step=0.05,
+            description="opacity", continuous_update=False,
+        )
+        self.status = widgets.HTML()
+
 
     def _make_param_sliders(self, n: int) -> dict[str, widgets.Widget]:
         """One slider per numeric detector parameter of :data:`DETECTORS` (``<name>_slider``

@@ -23,17 +23,16 @@ from sfp.core.outliers import LayerStats, available_detectors, get_detector, lay
 from sfp.models.loading import OPENAI_MEAN, OPENAI_STD
 from sfp.viz.widgets._common import (
     SFPWidget,
+    bind_trace,
     describe_source,
-    display_image,
     html_escape,
     image_axes,
     patch_at,
     patch_centers,
     png_data_uri,
     static_copy,
-    trace_geometry,
 )
-from sfp.viz.widgets.explorer import layer_slider_for, truth_vector
+from sfp.viz.widgets.explorer import layer_slider_for
 
 __all__ = ["PropagationView"]
 
@@ -72,11 +71,7 @@ class PropagationView(SFPWidget):
         size: int = 380,
     ) -> None:
         super().__init__()
-        self.trace = trace
-        self.index = int(index)
-        self.grid, self.image_size, self.patch_px = trace_geometry(trace)
-        n = self.grid[0] * self.grid[1]
-        self.has_attention = trace.has_attention
+        n = bind_trace(self, trace, index, truth, image, mean, std)
         if not trace.has_hidden:
             raise ValueError(
                 "PropagationView needs hidden states; record(bundle, images, "
@@ -93,39 +88,11 @@ class PropagationView(SFPWidget):
             params["lof"] = {"n_neighbors": max(1, n - 2)}
         self.detectors = list(detectors)
         self.stats: LayerStats = layer_statistics(trace, self.layers, self.detectors, params)
-        self.truth = truth_vector(truth, self.index, n, image)
         self.selected_token: int | None = None
 
-        b = self.index
-        if self.has_attention:
-            cls = torch.stack([trace.cls_attention(l).mean(1)[b] for l in self.layers])
-            self._cls = cls.float().cpu().numpy()  # (L, N)
-        else:
-            self._cls = None
-        self._norms = torch.stack(
-            [trace.token_norms(l)[b, 1:] for l in self.layers]
-        ).float().cpu().numpy()  # (L, N)
+        self._cls, self._norms = self._per_layer_curves()
+        self._make_controls(layer, n)
 
-        layer = layer if layer is not None else (
-            self.layers[-2] if len(self.layers) > 1 else self.layers[0]
-        )
-        self.layer_slider = layer_slider_for(self.layers, int(layer))
-        maps = [k for k in _MAPS if self.has_attention or k == "norm"]
-        self.map_dropdown = widgets.Dropdown(options=[(_MAPS[k], k) for k in maps],
-                                             value="norm", description="map")
-        self.mark_dropdown = widgets.Dropdown(options=["none", *self.detectors],
-                                              value=self.detectors[0] if self.detectors
-                                              else "none", description="mark")
-        self.token_input = widgets.BoundedIntText(value=-1, min=-1, max=n - 1,
-                                                  description="token (-1 = none)",
-                                                  style={"description_width": "initial"})
-        self.clear_button = widgets.Button(description="clear selection")
-        self.status = widgets.HTML()
-
-        self.image_rgb = (
-            display_image(image, self.image_size, index=self.index, mean=mean, std=std)
-            if image is not None else None
-        )
         self.curves = go.FigureWidget(self._build_curves())
         self.map_figure = go.FigureWidget(self._build_map(size))
         self._curve = {t.meta: t for t in self.curves.data}
@@ -148,6 +115,33 @@ class PropagationView(SFPWidget):
                          self.status]
         self.add_class("sfp-propagation-view")
         self.refresh()
+
+    def _per_layer_curves(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """(class-token attention (L, N) or None, patch norms (L, N)) of the shown image."""
+        b, trace = self.index, self.trace
+        cls = None
+        if self.has_attention:
+            cls = torch.stack([trace.cls_attention(l).mean(1)[b] for l in self.layers])
+            cls = cls.float().cpu().numpy()
+        norms = torch.stack([trace.token_norms(l)[b, 1:] for l in self.layers])
+        return cls, norms.float().cpu().numpy()
+
+    def _make_controls(self, layer: int | None, n: int) -> None:
+        layer = layer if layer is not None else (
+            self.layers[-2] if len(self.layers) > 1 else self.layers[0]
+        )
+        self.layer_slider = layer_slider_for(self.layers, int(layer))
+        maps = [k for k in _MAPS if self.has_attention or k == "norm"]
+        self.map_dropdown = widgets.Dropdown(options=[(_MAPS[k], k) for k in maps],
+                                             value="norm", description="map")
+        self.mark_dropdown = widgets.Dropdown(options=["none", *self.detectors],
+                                              value=self.detectors[0] if self.detectors
+                                              else "none", description="mark")
+        self.token_input = widgets.BoundedIntText(value=-1, min=-1, max=n - 1,
+                                                  description="token (-1 = none)",
+                                                  style={"description_width": "initial"})
+        self.clear_button = widgets.Button(description="clear selection")
+        self.status = widgets.HTML()
 
     # ------------------------------------------------------------------ data
     @property

@@ -33,11 +33,11 @@ from sfp.seg.benchmarks import Settings
 from sfp.seg.pipeline import Segmentation, Segmenter
 from sfp.viz.widgets._common import (
     SFPWidget,
-    colorize_labels,
     describe_source,
+    fixed_image_axes,
     html_escape,
     label_colors,
-    png_data_uri,
+    labels_uri,
     static_copy,
     stopwatch,
     widget_settings,
@@ -222,12 +222,7 @@ class StageComparison(SFPWidget):
                          "line": {"width": 2, "color": "#ff2d2d"}}),
                 hovertemplate="flagged patch<extra></extra>",
             ), row=1, col=i)
-            suffix = "" if i == 1 else str(i)
-            fig.layout[f"xaxis{suffix}"].update(range=[0, w0], showticklabels=False,
-                                                showgrid=False, zeroline=False)
-            fig.layout[f"yaxis{suffix}"].update(range=[h0, 0], showticklabels=False,
-                                                showgrid=False, zeroline=False,
-                                                scaleanchor=f"x{suffix}")
+            fixed_image_axes(fig, i, h0, w0)
         width = self.panel_size * n + 20
         fig.update_layout(width=width, height=int(self.panel_size * h0 / w0) + 110,
                           margin={"l": 10, "r": 10, "t": 70, "b": 10},
@@ -253,8 +248,8 @@ class StageComparison(SFPWidget):
                 seg = self.segmentations[name]
                 labels = seg.labels.cpu().numpy()
                 present.update(int(c) for c in np.unique(labels))
-                rgb = colorize_labels(labels, colors, self.image_rgb, alpha)
-                by_meta[f"image:{name}"].source = png_data_uri(rgb)
+                by_meta[f"image:{name}"].source = labels_uri(labels, colors, self.image_rgb,
+                                                             alpha)
                 m = by_meta[f"outliers:{name}"]
                 m.x = pts[:, 0] if show and len(pts) else []
                 m.y = pts[:, 1] if show and len(pts) else []

@@ -7,10 +7,11 @@
 Two kinds of controls:
 
 - **encoder-level** (``detector_dropdown``, ``top_k_slider``, ``cls_scale_slider``,
-  ``sim_threshold_slider``, ``res_cls_slider``): they change the :class:`sfp.methods.config.SFPConfig`,
-  so the images are encoded again (:meth:`sfp.seg.pipeline.Segmenter.predict_logits`). The
-  window-averaged logits of every configuration seen are cached (``cache_size`` configs), so
-  returning to an earlier setting is instant.
+  ``sim_threshold_slider``, ``res_cls_slider``): they change the
+  :class:`sfp.methods.config.SFPConfig`, so the images are encoded again
+  (:meth:`sfp.seg.pipeline.Segmenter.predict_logits`). The window-averaged logits of every
+  configuration seen are cached (``cache_size`` configs), so returning to an earlier setting
+  is instant.
 - **post-processing** (``logit_scale_slider``, ``prob_thd_slider``, ``area_thd_slider``): they
   only re-run :meth:`sfp.seg.pipeline.Segmenter.postprocess` on the cached logits — the encoder is
   not called.
@@ -44,12 +45,12 @@ from sfp.seg.pipeline import Segmentation, SegmentationScores, Segmenter
 from sfp.viz.widgets._common import (
     SLIDER_KW,
     SFPWidget,
-    colorize_labels,
     describe_source,
+    fixed_image_axes,
     html_escape,
     label_colors,
+    labels_uri,
     param_slider,
-    png_data_uri,
     static_copy,
     stopwatch,
     torch_threads,
@@ -318,12 +319,7 @@ class ThresholdTuner(SFPWidget):
                 fig.add_trace(go.Image(source="", meta=f"{kind}:{i}", name=self.names[i],
                                        hoverinfo="skip"), row=r, col=i + 1)
                 h, w = self.images_rgb[i].shape[:2]
-                suffix = "" if k == 1 else str(k)
-                fig.layout[f"xaxis{suffix}"].update(range=[0, w], showticklabels=False,
-                                                    showgrid=False, zeroline=False)
-                fig.layout[f"yaxis{suffix}"].update(range=[h, 0], showticklabels=False,
-                                                    showgrid=False, zeroline=False,
-                                                    scaleanchor=f"x{suffix}")
+                fixed_image_axes(fig, k, h, w)
         h0, w0 = self.images_rgb[0].shape[:2]
         fig.update_layout(width=max(480, self.panel_size * n + 40),
                           height=rows * int(self.panel_size * h0 / w0) + 90,
@@ -339,15 +335,15 @@ class ThresholdTuner(SFPWidget):
             for i, seg in enumerate(self.segmentations):
                 labels = seg.labels.numpy()
                 present.update(int(v) for v in np.unique(labels))
-                self._panels[f"pred:{i}"].source = png_data_uri(
-                    colorize_labels(labels, colors, self.images_rgb[i]))
+                self._panels[f"pred:{i}"].source = labels_uri(labels, colors,
+                                                              self.images_rgb[i])
                 title = self.names[i]
                 if self.image_metrics:
                     title += f" — mIoU {100 * self.image_metrics[i].miou:.1f}"
                 self.figure.layout.annotations[i].text = title
                 if self.masks is not None and not self._gt_drawn:
-                    self._panels[f"gt:{i}"].source = png_data_uri(
-                        colorize_labels(self.masks[i], colors, self.images_rgb[i]))
+                    self._panels[f"gt:{i}"].source = labels_uri(self.masks[i], colors,
+                                                                self.images_rgb[i])
             self._gt_drawn = self.masks is not None
             if self.metrics is not None:
                 self.figure.layout.title.text = (
