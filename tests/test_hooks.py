@@ -216,3 +216,11 @@ def test_record_under_intervention_sees_it(tiny_vit, x_tiny):
     t = record(tiny_vit, x_tiny, layers=[2], store=("mlp",),
                fwd_hooks=[("blocks.2.mlp.hook_post", zero)])
     assert torch.equal(t.mlp(2)[..., 5], torch.zeros_like(t.mlp(2)[..., 5]))
+
+
+def test_hooks_work_under_inference_mode(tiny_vit, x_tiny):
+    with torch.inference_mode():
+        t = record(tiny_vit, x_tiny, layers=[3])
+        out = sfp.run_with_hooks(tiny_vit, x_tiny,
+                                 [("blocks.3.attn.hook_pattern", lambda p, n: p * 0 + 0.05)])
+    assert t.attention(3).shape[-1] == 21 and torch.isfinite(out).all()

@@ -217,9 +217,18 @@ def pattern_hook(
     ``replaced`` is False when every hook returned None or its input unmodified (checked with
     the tensor's version counter, so an in-place edit counts as a replacement).
     """
-    version = probs._version
+    version = _version(probs)
     out = hooks(block_hook(layer, "attn.hook_pattern"), probs)
-    return out, out is not probs or probs._version != version
+    return out, out is not probs or _version(probs) != version
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference tensors, which have none:
+    under ``torch.inference_mode`` an in-place edit of the pattern goes unnoticed)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def standard_heads(
