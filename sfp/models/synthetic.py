@@ -94,6 +94,7 @@ __all__ = [
     "PlantConfig",
     "PlantedTruth",
     "default_onset",
+    "plant_outliers",
     "planted_model",
     "synthetic_scene",
 ]
@@ -593,23 +594,27 @@ def _quiet_open_clip() -> Iterator[None]:
         root.removeFilter(flt)
 
 
-def _check_plant_args(name: str, onset_layer: int | None, n_outliers: int | None,
-                      strength: float) -> tuple[dict, int]:
-    """(open_clip model config, onset layer) after checking planted_model's arguments."""
-    if not strength > 0:
-        raise ValueError(f"strength must be > 0, got {strength!r}.")
+def _vit_config(name: str) -> dict:
+    """open_clip's config of ``name``; ValueError unless it is a ViT CLIP."""
     cfg_dict = open_clip.get_model_config(name)
     if cfg_dict is None:
         raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models().")
-    layers = cfg_dict.get("vision_cfg", {}).get("layers")
-    if not isinstance(layers, int):
+    if not isinstance(cfg_dict.get("vision_cfg", {}).get("layers"), int):
         raise ValueError(f"{name} has no open_clip ViT visual tower; planted_model needs one.")
+    return cfg_dict
+
+
+def _check_plant_args(layers: int, name: str, onset_layer: int | None, n_outliers: int | None,
+                      strength: float) -> int:
+    """The onset layer, after checking the planting arguments for a ``layers``-block ViT."""
+    if not strength > 0:
+        raise ValueError(f"strength must be > 0, got {strength!r}.")
     onset = default_onset(layers) if onset_layer is None else int(onset_layer)
     if not 2 <= onset <= layers - 1:
         raise ValueError(f"onset_layer must be in 2..{layers - 1} for {name}, got {onset}.")
     if n_outliers is not None and int(n_outliers) < 1:
         raise ValueError(f"n_outliers must be >= 1, got {n_outliers!r}.")
-    return cfg_dict, onset
+    return onset
 
 
 def planted_model(
@@ -638,25 +643,51 @@ def planted_model(
     Returns ``(bundle, truth)``: ``bundle.pretrained == "synthetic (planted outliers)"``,
     ``truth.mask(images)`` (B, gh, gw) bool says where the outliers are.
     """
-    cfg = config or PlantConfig()
-    strength = cfg.strength if strength is None else float(strength)
     name = name.replace("/", "-")
-    cfg_dict, onset = _check_plant_args(name, onset_layer, n_outliers, strength)
+    cfg_dict = _vit_config(name)
     with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(int(seed))
         model = open_clip.create_model(name, pretrained=None).eval()
-    quick_gelu = bool(cfg_dict.get("quick_gelu", False))
-    bundle_from_model(model, name=name, pretrained=SYNTHETIC_LABEL,
-                      provenance="synthetic")  # checks the architecture
+    return plant_outliers(model, name=name, seed=seed, onset_layer=onset_layer,
+                          n_outliers=n_outliers, strength=strength, device=device, config=config,
+                          quick_gelu=bool(cfg_dict.get("quick_gelu", False)))
+
+
+def plant_outliers(
+    model: nn.Module,
+    *,
+    name: str,
+    seed: int = 0,
+    onset_layer: int | None = None,
+    n_outliers: int | None = None,
+    strength: float | None = None,
+    device: str | torch.device = "cpu",
+    config: PlantConfig | None = None,
+    quick_gelu: bool = False,
+    pretrained: str = SYNTHETIC_LABEL,
+    provenance: str = "synthetic",
+) -> tuple[ModelBundle, PlantedTruth]:
+    """Plant the outlier circuit into an open_clip CLIP ``model`` (edited in place, on the CPU).
+
+    Works on any open_clip CLIP with a ViT visual tower, random (as :func:`planted_model`
+    builds) or trained. name: the label of the result; pretrained / provenance: the bundle's
+    (see :data:`sfp.models.loading.PROVENANCES`). Other arguments as :func:`planted_model`.
+    Returns ``(bundle, truth)``.
+    """
+    cfg = config or PlantConfig()
+    strength = cfg.strength if strength is None else float(strength)
+    bundle_from_model(model, name=name, pretrained=pretrained,
+                      provenance=provenance)  # checks the architecture
     num_layers = len(forward.blocks_of(model.visual))
+    onset = _check_plant_args(num_layers, name, onset_layer, n_outliers, strength)
     g0 = forward.base_grid(model.visual)
     n = max(1, round(cfg.outlier_fraction * g0[0] * g0[1])) if n_outliers is None else n_outliers
     n = int(n)
     plan = _plant(model, seed, onset, n, cfg)
     massive_norm = _calibrate(model, plan, cfg, strength, seed)
     model = model.to(device)
-    bundle = bundle_from_model(model, name=name, pretrained=SYNTHETIC_LABEL, quick_gelu=quick_gelu,
-                               provenance="synthetic")
+    bundle = bundle_from_model(model, name=name, pretrained=pretrained, quick_gelu=quick_gelu,
+                               provenance=provenance)
     p = bundle.patch_size
     s = _subgrid(p, cfg.subgrid)
     description = (
