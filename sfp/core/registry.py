@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from sfp.core.errors import RegistryError
@@ -155,13 +155,6 @@ class Registry(Generic[T]):
 
     def restore(self, snapshot: Mapping[str, Entry[T]]) -> None:
         self._entries = dict(snapshot)
-
-    def with_meta(self, name: str, **meta: Any) -> Entry[T]:
-        """Update an entry's metadata in place (e.g. a module that knows more about it)."""
-        entry = self.get(name)
-        new = replace(entry, meta={**entry.meta, **meta})
-        self._entries[_key(name, self.kind)] = new
-        return new
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self.names())})"
