@@ -11,7 +11,9 @@ The package is layered, each layer building only on the ones before it::
     sfp.cli      the ``sfp`` command line
 
 Everything here is imported lazily (``import sfp`` stays cheap): ``sfp.core.probe`` or
-``sfp.record`` import their module on first use.
+``sfp.record`` import their module on first use. The most used modules also have short
+names: ``sfp.io``, ``sfp.probe``, ``sfp.hooks``, ``sfp.outliers``, ``sfp.text``,
+``sfp.synthetic``, ``sfp.figures`` and ``sfp.widgets`` are ``sfp.core.io`` and so on.
 """
 
 from __future__ import annotations
@@ -40,7 +42,19 @@ _EXPORTS = {
     "Segmenter": "sfp.seg.pipeline",
 }
 
+# Short names for modules that live one layer down (``sfp.io`` is ``sfp.core.io``).
+_MODULES = {
+    "io": "sfp.core.io",
+    "probe": "sfp.core.probe",
+    "hooks": "sfp.core.hooks",
+    "outliers": "sfp.core.outliers",
+    "text": "sfp.models.text",
+    "synthetic": "sfp.models.synthetic",
+    "figures": "sfp.viz.figures",
+    "widgets": "sfp.viz.widgets",
+}
+
 __all__ = ["__version__", *_EXPORTS]
 
 __getattr__, __dir__ = attach(__name__, ("core", "models", "methods", "seg", "viz", "cli"),
-                              _EXPORTS)
+                              _EXPORTS, _MODULES)

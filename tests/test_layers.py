@@ -5,6 +5,8 @@ inside functions too (they would hide a cycle from Python but not from a reader)
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,21 @@ def test_no_import_cycles():
 def test_the_graph_is_not_empty():
     assert "sfp.core.forward" in GRAPH["sfp.methods.baselines"]
     assert "sfp.seg.pipeline" in GRAPH["sfp.viz.figures.ablation"]
+
+
+def test_import_sfp_is_cheap_and_short_module_names_resolve() -> None:
+    """``import sfp`` loads no torch; ``sfp.io`` and friends are the modules one layer down."""
+    code = (
+        "import sys, sfp\n"
+        "assert 'torch' not in sys.modules, 'import sfp imported torch'\n"
+        "import sfp.core.io, sfp.core.probe, sfp.models.synthetic, sfp.models.text\n"
+        "assert sfp.io is sfp.core.io and sfp.io.load_image is sfp.load_image\n"
+        "assert sfp.probe is sfp.core.probe and sfp.synthetic is sfp.models.synthetic\n"
+        "assert sfp.text is sfp.models.text and sfp.outliers is sfp.core.outliers\n"
+        "assert {'io', 'probe', 'widgets'} <= set(dir(sfp))\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
