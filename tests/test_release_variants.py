@@ -422,3 +422,42 @@ def test_paper_sae_mean_of_two_softmaxes_by_hand(deep, form: str) -> None:
     assert SFPConfig.paper().paper_sae_form == "block"
     with pytest.raises(ConfigError, match="paper_sae_combine"):
         SFPConfig.paper(paper_sae_combine="max")
+
+
+# --------------------------------------------------------------------------------------------
+# the paper criterion without the factor: about half the tokens of early layers
+# --------------------------------------------------------------------------------------------
+
+
+def test_paper_criterion_flags_about_half_of_early_layers_on_the_planted_model() -> None:
+    from sfp.core.io import normalize
+    from sfp.core.outliers import detect
+    from sfp.core.probe import record
+    from sfp.models.synthetic import planted_model, synthetic_scene
+
+    bundle, truth = planted_model("ViT-B-16", seed=0)
+    x = normalize(synthetic_scene(0)[None], bundle)
+    tr = record(bundle, x, heads="mean")
+    n = tr.grid[0] * tr.grid[1]
+    for layer in range(1, truth.onset_layer + 1):  # before the planted sinks
+        flagged = int(detect("som", tr, layer, cls_scale=1.0, top_k=None).mask.sum())
+        assert 0.35 * n <= flagged <= 0.65 * n, (layer, flagged)
+    planted = truth.mask(x).reshape(1, -1)
+    for layer in range(truth.onset_layer + 1, bundle.num_layers):
+        mask = detect("som", tr, layer, cls_scale=1.0, top_k=None).mask
+        assert torch.equal(mask, planted), layer
+
+
+def test_figures_say_so_where_they_show_the_paper_criterion(tiny_vit) -> None:
+    from sfp.viz.figures import layerwise as lw
+
+    image = smooth_images(1, 64, seed=9)[0].clamp(0, 1)
+    paper = lw.layerwise_data(tiny_vit, image)
+    assert paper.criterion_note == lw.PAPER_CRITERION_NOTE
+    assert "about half the tokens of early layers" in lw.PAPER_CRITERION_NOTE
+    fig = lw.layerwise_purification(paper)
+    assert lw.PAPER_CRITERION_NOTE[:40] in fig._suptitle.get_text().replace("\n", " ")
+    official = lw.layerwise_data(tiny_vit, image, config=SFPConfig.official(som_start=1))
+    assert official.criterion_note == ""
+    assert lw.paper_criterion_note(1.0, None) and not lw.paper_criterion_note(1.5, None)
+    assert not lw.paper_criterion_note(1.0, 10)
