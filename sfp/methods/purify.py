@@ -19,8 +19,11 @@ the official preset (:meth:`sfp.methods.config.SFPConfig.official`) it computes,
    Z <- rownorm(S_post) Z; X <- X + Z;
 8. features = ln_post(X) @ proj.
 
-Batches are processed at once, each image with its own outlier set; any depth works (layers
-come from ``config.resolve``); similarity matrices and softmaxes are computed in float32 and
+The other presets (``release-2025-12``, ``sc-clip``) switch the attention of steps 5 and 7
+(``sae_terms``, ``hai_attention``), the source of M (``logits_from``) and steps 4 and 6;
+:class:`SCCLIPEncoder` is SC-CLIP as a method. Batches are processed at once, each image with
+its own outlier set; any depth works (layers come from ``config.resolve``: the release's
+absolute 9 / 4 / 4..10 by default); similarity matrices and softmaxes are computed in float32 and
 cast back to the model's dtype. The paper preset and the readings it needs are described in
 ``docs/sfp_presets.md`` and :class:`sfp.methods.config.SFPConfig`.
 
