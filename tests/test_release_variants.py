@@ -461,3 +461,35 @@ def test_figures_say_so_where_they_show_the_paper_criterion(tiny_vit) -> None:
     assert official.criterion_note == ""
     assert lw.paper_criterion_note(1.0, None) and not lw.paper_criterion_note(1.5, None)
     assert not lw.paper_criterion_note(1.0, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, preset, templates, preset_name", [
+    ("sfp", "release-2025-12", "sfp15", "release-2025-12"),
+    ("sc-clip", "official", "openai80", "sc-clip"),
+])
+def test_eval_cli_runs_the_presets(tmp_path, capsys, method, preset, templates,
+                                   preset_name) -> None:
+    import json
+
+    from fakedata import make_fake_dataset
+
+    import sfp.cli.app as cli
+
+    root = make_fake_dataset("voc20", tmp_path / "data", n=1, size=(24, 32))
+    out = tmp_path / "res.json"
+    extra = [] if templates == "sfp15" else ["--templates", "simple"]
+    # 96 px windows: 36 patches of ViT-S-16, enough for LOF's 30 neighbours (sc-clip)
+    rc = cli.main(["eval", "--benchmark", "voc20", "--data-root", str(root), "--out", str(out),
+                   "--synthetic", "--model", "ViT-S-16", "--method", method, "--preset", preset,
+                   "--short-side", "96", "--crop", "96", "--stride", "96", "--no-progress",
+                   *extra])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["config"]["encoder"]["preset_name"] == preset_name
+    assert res["config"]["segmenter"]["templates"] == ("sfp15" if templates == "sfp15"
+                                                      else "simple")
