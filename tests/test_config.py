@@ -56,7 +56,7 @@ def test_official_cls_scale_follows_res_cls_like_the_release() -> None:
     ],
 )
 def test_layers_derived_from_depth(depth: int, expected: tuple[int, ...]) -> None:
-    r = SFPConfig.official().resolve(depth)
+    r = SFPConfig.official(layer_rule="scaled").resolve(depth)
     got = (r.detect_layer, r.ref_layer, r.post_layer, r.hai_layers[0], r.hai_layers[-1])
     assert got == expected
 

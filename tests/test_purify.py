@@ -285,7 +285,9 @@ def test_non_square_grid_keeps_rows_and_columns_apart(vitb) -> None:
 
 def test_depth_derived_layers_for_a_6_block_model(shallow) -> None:
     assert shallow.num_layers == 6
-    enc = SFPEncoder(shallow)
+    r = SFPEncoder(shallow).resolved  # the release's 9 / 4 / 4..10, clamped to L - 1 = 5
+    assert (r.detect_layer, r.ref_layer, r.post_layer, r.hai_layers) == (5, 5, 4, (4, 5))
+    enc = SFPEncoder(shallow, SFPConfig.official(layer_rule="scaled"))
     r = enc.resolved
     assert (r.detect_layer, r.ref_layer, r.post_layer) == (5, 5, 2)
     assert r.hai_layers == (2, 3, 4, 5)

@@ -15,6 +15,7 @@ __all__ = [
     "add_model_arguments",
     "add_segmenter_arguments",
     "load_bundle_from_args",
+    "preset_default_templates",
     "segmenter_overrides",
 ]
 
@@ -76,7 +77,8 @@ def add_segmenter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--templates", default=None, choices=TEMPLATES.names(),
                    help="prompt templates: " + "; ".join(
                        f"{e.name}: {e.doc}" for e in TEMPLATES.entries())
-                   + " (default: the benchmark's, else openai80)")
+                   + " (default: the preset's if it names one (release-2025-12: sfp15), "
+                   "else the benchmark's, else openai80)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per encoder call")
     g = p.add_argument_group("overrides of the benchmark's settings (advanced)")
     g.add_argument("--short-side", type=int, default=None)
@@ -100,4 +102,16 @@ def segmenter_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out["batch_size"] = args.batch_size
     out["method"] = args.method
     out["config"] = args.preset if args.method == "sfp" else None
+    if "templates" not in out and out["config"] is not None:
+        preset_templates = preset_default_templates(out["config"])
+        if preset_templates is not None:
+            out["templates"] = preset_templates
     return out
+
+
+def preset_default_templates(preset: str) -> str | None:
+    """The template set an SFP preset's registry entry names (``templates=...``), or None
+    (the benchmark's)."""
+    from sfp.methods.config import PRESETS
+
+    return PRESETS.get(preset).meta.get("templates")

@@ -9,16 +9,28 @@ implementation). Presets are looked up by name with ``SFPConfig.preset(name)`` (
   ``cls_scale = 5 * res_cls`` and top-10, reference similarity, SAE as a mean of three
   softmaxes, HAI from summed hidden states).
 - ``SFPConfig.paper(**overrides)``: the paper's equations 4-11 (SOM at every block with
-  purified tokens propagating, SAE eq. 6-7, HAI eq. 8-11). See ``docs/sfp_presets.md``.
+  purified tokens propagating, SAE eq. 6-7, HAI eq. 8-11).
+- ``SFPConfig.preset("release-2025-12")``: the code behind the release's only run log.
+- ``SFPConfig.preset("sc-clip")``: SC-CLIP, the sibling release, on the same engine.
+
+See ``docs/sfp_presets.md``.
 
 Layer fields are 1-indexed block outputs (layer ``l`` = output of block ``l``) and default to
-``None``: "derived from the model's depth" by :meth:`SFPConfig.resolve`. A 12-block value
-``l`` becomes, for a model with ``L`` blocks,
+``None``: filled in for the model's depth by :meth:`SFPConfig.resolve`. The detect layer is
+always L - 1 (the release runs SOM on the block before the last); the paper variants start at
+layer 1 and stop at L - 1. The reference layer (9), post layer (4) and HAI range (4..10) follow
+``layer_rule``:
 
-    derive(l) = min(max(floor(l * L / 12 + 0.5), 1), L - 1)
+- ``"release"`` (default): the release's absolute numbers at every depth (it indexes its list
+  of hidden states with fixed positions), clamped to L - 1 for models shallower than 11 blocks,
+  where the release itself cannot run;
+- ``"scaled"``: the 12-block value ``l`` scaled to ``L`` blocks,
 
-(round half up, clamped to 1..L-1; block L itself is replaced by SAE, so no SFP layer can be
-L). The detect layer defaults to L - 1; the paper variants start at layer 1 and stop at L - 1.
+      derive(l) = min(max(floor(l * L / 12 + 0.5), 1), L - 1)
+
+  (round half up, clamped to 1..L-1; block L itself is replaced by SAE, so no SFP layer can
+  be L).
+
 Explicit values win, and must lie in 1..L-1 (checked by ``resolve``).
 
 Invalid values raise :class:`ConfigError` (a ``ValueError``) when the configuration is built,
@@ -60,9 +72,13 @@ RELEASE_RES_SCALE = 5.0
 _SAE_VARIANTS = ("official", "paper")
 _HAI_VARIANTS = ("official", "paper")
 _HAI_ATTENTION = ("similarity", "sae")
+_SAE_TERMS = ("q+k+sim", "q+k", "k+sim")
+_LOGITS_FROM = ("thresholded", "cosine")
 _LOF_VARIANTS = ("sc-clip", "standard")
 _PAPER_SAE_VALUE = ("proj", "identity")
 _PAPER_SAE_FORM = ("block", "eq7")
+_LAYER_RULES = ("release", "scaled")
+_PAPER_SAE_COMBINE = ("sum", "mean")
 _FLAGS = ("som", "pre_aggregate", "post_aggregate", "sae", "hai", "paper_sae_ln1",
           "paper_sae_cls")
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -70,8 +86,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "sae_variant": _SAE_VARIANTS,
     "paper_sae_value": _PAPER_SAE_VALUE,
     "paper_sae_form": _PAPER_SAE_FORM,
+    "paper_sae_combine": _PAPER_SAE_COMBINE,
     "hai_variant": _HAI_VARIANTS,
     "hai_attention": _HAI_ATTENTION,
+    "sae_terms": _SAE_TERMS,
+    "logits_from": _LOGITS_FROM,
+    "layer_rule": _LAYER_RULES,
 }
 
 
@@ -119,6 +139,27 @@ _PAPER_VALUES: dict[str, Any] = {
     "post_aggregate": False,
     "sae_variant": "paper",
     "hai_variant": "paper",
+}
+
+
+# Values of the December 2025 release (the code of the run log) that differ from official.
+_RELEASE_2025_12_VALUES: dict[str, Any] = {
+    "pre_aggregate": False,
+    "post_aggregate": False,
+    "sae_terms": "q+k",
+    "hai_attention": "sae",
+    "hai_stop": 11,
+}
+
+# Values of SC-CLIP that differ from the official defaults.
+_SC_CLIP_VALUES: dict[str, Any] = {
+    "detector": "lof",
+    "lof_neighbors": 30,
+    "lof_contamination": 0.05,
+    "lof_variant": "sc-clip",
+    "sae_terms": "k+sim",
+    "logits_from": "cosine",
+    "hai_attention": "sae",
 }
 
 
@@ -186,30 +227,43 @@ class SFPConfig:
     Similarity (steps 4, 6):
         pre_aggregate: X <- rownorm(S_pre) X with S_pre from ref_layer (step 4).
         post_aggregate: X <- rownorm(S_post) X and Z <- rownorm(S_post) Z (steps 6-7).
-        ref_layer: layer of S_pre (None -> derive(9)); post_layer: of S_post (None -> derive(4)).
+        ref_layer: layer of S_pre (None -> 9); post_layer: of S_post (None -> 4).
+        layer_rule: how unset ref/post/HAI layers follow the depth: "release" (the
+            release's absolute 9 / 4 / 4..10 at any depth, clamped to L-1) or "scaled"
+            (``derive_layer`` of those numbers).
         sim_threshold: cosine similarities below it are set to 0 (0.4).
-        sim_temperature: M = sim_temperature * (S_pre - mean(S_pre)) (3.0).
+        sim_temperature: M = sim_temperature * (S - mean(S)) (3.0).
+        logits_from: the matrix S of M: "thresholded" (S_pre, the release) or "cosine" (the
+            reference cosine matrix before thresholding, SC-CLIP).
         res_cls: lambda, weight of the class token added after SAE / in HAI (0.3).
         eps: added to row (and column) sums before dividing (1e-6).
     SAE (step 5):
         sae: switch; False = block L runs as a standard ViT block on [cls, X].
-        sae_variant: "official" (mean of softmax(qq^T), softmax(kk^T), softmax(M); no MLP, no
-            residual) or "paper" (eq. 6-7).
+        sae_variant: "official" (a mean of softmaxes, ``sae_terms``; no MLP, no residual) or
+            "paper" (eq. 6-7).
+        sae_terms: the softmaxes the official SAE averages: "q+k+sim" (softmax(qq^T s),
+            softmax(kk^T s), softmax(M); the release), "q+k" (the first two; the December
+            2025 release) or "k+sim" (softmax(kk^T s) and softmax(M); SC-CLIP).
         omega: logit scale of the paper's SAE (0.5).
         paper_sae_ln1: paper SAE takes q, k, v from ln_1(X) (True) or from X.
         paper_sae_value: "proj": attention @ v, then out_proj; "identity": head-averaged
             attention applied to X itself.
         paper_sae_form: "block": X1 = X + attn; F = X1 + mlp(ln_2(X1)) (a standard block's two
             residuals); "eq7": F = X + mlp(ln_2(attn)) (eq. 7 read literally).
+        paper_sae_combine: "+" of eq. 6: "sum" = softmax(omega (qq^T + kk^T) s) (one softmax
+            of the summed logits, eq. 6 as printed); "mean" = (softmax(omega qq^T s) +
+            softmax(omega kk^T s)) / 2 (the two attention maps added, as the supplement's
+            Table 1 describes, rows renormalised).
         paper_sae_cls: the class token takes part in the paper SAE's attention.
     HAI (step 7):
         hai: switch; False = no HAI term (official) / F_vis = F_SAE (paper).
         hai_variant: "official" (Z from the summed hidden states, added to X) or "paper"
             (eq. 8-11: F_vis = A_HAI F_SAE).
-        hai_start, hai_stop: inclusive layer range (None -> official derive(4)..derive(10);
+        hai_start, hai_stop: inclusive layer range (None -> official 4..10 by ``layer_rule``;
             paper 1..L-1).
         hai_attention: official HAI's attention: "similarity" = softmax(M) (docs/design.md,
-            "The SFP method"); "sae" = the SAE mixture of three softmaxes (an older release).
+            "The SFP method"); "sae" = the SAE mixture (``sae_terms``) computed from P's own
+            q and k (the December 2025 release, SC-CLIP).
         hai_iterations: paper HAI's passes of row-then-column normalisation (eq. 10: 1).
     preset_name: the preset the configuration was started from (a name of :data:`PRESETS`,
         or "custom").
@@ -231,17 +285,21 @@ class SFPConfig:
     post_aggregate: bool = True
     ref_layer: int | None = None
     post_layer: int | None = None
+    layer_rule: str = "release"
     sim_threshold: float = 0.4
     sim_temperature: float = 3.0
+    logits_from: str = "thresholded"
     res_cls: float = 0.3
     eps: float = 1e-6
     # --- SAE -----------------------------------------------------------------------------
     sae: bool = True
     sae_variant: str = "official"
+    sae_terms: str = "q+k+sim"
     omega: float = 0.5
     paper_sae_ln1: bool = True
     paper_sae_value: str = "proj"
     paper_sae_form: str = "block"
+    paper_sae_combine: str = "sum"
     paper_sae_cls: bool = False
     # --- HAI -----------------------------------------------------------------------------
     hai: bool = True
@@ -405,12 +463,17 @@ class SFPConfig:
                 f"som_start={som_start} is after the detect layer {detect} for a "
                 f"{num_layers}-block model"
             )
+        def depth_rule(layer_12: int) -> int:
+            if self.layer_rule == "scaled":
+                return derive_layer(layer_12, num_layers)
+            return min(layer_12, last)
+
         if self.hai_variant == "paper":
             hai_start = pick("hai_start", 1)
             hai_stop = pick("hai_stop", last)
         else:
-            hai_start = pick("hai_start", derive_layer(_HAI_START_12, num_layers))
-            hai_stop = pick("hai_stop", derive_layer(_HAI_STOP_12, num_layers))
+            hai_start = pick("hai_start", depth_rule(_HAI_START_12))
+            hai_stop = pick("hai_stop", depth_rule(_HAI_STOP_12))
         if hai_start > hai_stop:
             raise ConfigError(
                 f"HAI layer range {hai_start}..{hai_stop} is reversed for a {num_layers}-block "
@@ -421,8 +484,8 @@ class SFPConfig:
             num_layers=num_layers,
             detect_layer=detect,
             som_layers=tuple(range(som_start, detect + 1)) if self.som else (),
-            ref_layer=pick("ref_layer", derive_layer(_REF_LAYER_12, num_layers)),
-            post_layer=pick("post_layer", derive_layer(_POST_LAYER_12, num_layers)),
+            ref_layer=pick("ref_layer", depth_rule(_REF_LAYER_12)),
+            post_layer=pick("post_layer", depth_rule(_POST_LAYER_12)),
             hai_layers=tuple(range(hai_start, hai_stop + 1)),
         )
 
@@ -512,6 +575,26 @@ def _official(**overrides: Any) -> SFPConfig:
     return SFPConfig._build(values)
 
 
+def _release_2025_12(**overrides: Any) -> SFPConfig:
+    """The code behind the release's only run log (its VOC21 61.4 mIoU), with ``overrides``.
+
+    SOM as in the official preset; no reference / post similarity; SAE = (softmax(qq^T s) +
+    softmax(kk^T s)) / 2; P = h_4 + ... + h_11 (block outputs before mitigation) with the same
+    two-softmax attention. Queries: the template set ``"sfp15"``.
+    """
+    return _official(**{**_RELEASE_2025_12_VALUES, **overrides, "preset_name": "release-2025-12"})
+
+
+def _sc_clip(**overrides: Any) -> SFPConfig:
+    """SC-CLIP's forward (the sibling release), with ``overrides`` applied.
+
+    LOF (k 30, contamination 0.05) on h_{L-1}; S_pre from h_9; SAE = (softmax(M) +
+    softmax(kk^T s)) / 2 with M from the unthresholded cosine matrix; S_post from h_4; HAI over
+    h_4..h_10 with the same attention.
+    """
+    return SFPConfig._build({**_SC_CLIP_VALUES, **overrides, "preset_name": "sc-clip"})
+
+
 def _paper(**overrides: Any) -> SFPConfig:
     """The paper's equations (4-11), with ``overrides`` applied; see docs/sfp_presets.md."""
     return SFPConfig._build({"preset_name": "paper", **_PAPER_VALUES, **overrides})
@@ -521,6 +604,17 @@ PRESETS.register(
     "official", _official, display="SFP (official)",
     doc="the current SFP release: SOM at block L-1 (1.5 r > s, top 10), SAE as a mean of three "
         "softmaxes, HAI from summed hidden states",
+)
+PRESETS.register(
+    "release-2025-12", _release_2025_12, display="SFP (release 2025-12)", templates="sfp15",
+    doc="the code of the release's only run log (VOC21 61.4 mIoU): SOM at block L-1, SAE as a "
+        "mean of softmax(qq^T) and softmax(kk^T), HAI over h_4..h_11, no similarity steps, "
+        "15 templates",
+)
+PRESETS.register(
+    "sc-clip", _sc_clip, display="SC-CLIP",
+    doc="SC-CLIP (the sibling release): LOF outliers, SAE as a mean of softmax(M) and "
+        "softmax(kk^T) with M from the unthresholded similarity, HAI with the same attention",
 )
 PRESETS.register(
     "paper", _paper, display="SFP (paper)",

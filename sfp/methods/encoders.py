@@ -5,6 +5,8 @@ display names and descriptions):
 
 - ``"sfp"``: SFP, Jin et al. ICCV 2025 (:class:`sfp.methods.purify.SFPEncoder`; its config is
   an ``SFPConfig`` or a preset name of :data:`sfp.methods.config.PRESETS`);
+- ``"sc-clip"``: SC-CLIP on SFP's engine (:class:`sfp.methods.purify.SCCLIPEncoder`, default
+  config ``SFPConfig.preset("sc-clip")``);
 - ``"clip"``, ``"maskclip"``, ``"sclip"``, ``"clearclip"``, ``"naclip"``: the baselines of
   :mod:`sfp.methods.baselines`.
 

@@ -19,8 +19,11 @@ the official preset (:meth:`sfp.methods.config.SFPConfig.official`) it computes,
    Z <- rownorm(S_post) Z; X <- X + Z;
 8. features = ln_post(X) @ proj.
 
-Batches are processed at once, each image with its own outlier set; any depth works (layers
-come from ``config.resolve``); similarity matrices and softmaxes are computed in float32 and
+The other presets (``release-2025-12``, ``sc-clip``) switch the attention of steps 5 and 7
+(``sae_terms``, ``hai_attention``), the source of M (``logits_from``) and steps 4 and 6;
+:class:`SCCLIPEncoder` is SC-CLIP as a method. Batches are processed at once, each image with
+its own outlier set; any depth works (layers come from ``config.resolve``: the release's
+absolute 9 / 4 / 4..10 by default); similarity matrices and softmaxes are computed in float32 and
 cast back to the model's dtype. The paper preset and the readings it needs are described in
 ``docs/sfp_presets.md`` and :class:`sfp.methods.config.SFPConfig`.
 
@@ -52,11 +55,12 @@ from sfp.core import forward
 from sfp.core.hooks import NO_HOOKS, Hooks, block_hook
 from sfp.core.outliers import Detector, MitigationReport, get_detector, mitigate_with_report
 from sfp.core.probe import Recorder, model_meta
-from sfp.methods.attention import correlative_probs
+from sfp.methods.attention import correlative_probs, self_self_probs
 from sfp.methods.base import Encoder, FwdHooks, register_encoder
 from sfp.methods.config import PRESETS, ResolvedConfig, SFPConfig
 
 __all__ = [
+    "SCCLIPEncoder",
     "SFPEncoder",
     "SFPStages",
     "hai_official",
@@ -66,8 +70,10 @@ __all__ = [
     "rownorm_apply",
     "sae_official",
     "sae_paper",
+    "cosine_matrix",
     "similarity_logits",
     "similarity_matrix",
+    "threshold_similarity",
 ]
 
 # Smallest norm a token is divided by when L2-normalised (a zero vector gives a zero row
@@ -80,16 +86,25 @@ _MIN_NORM = 1e-12
 # --------------------------------------------------------------------------------------------
 
 
+def cosine_matrix(tokens: Tensor) -> Tensor:
+    """Cosine-similarity matrix of patch tokens, in float32: (B, N, C) -> (B, N, N)."""
+    t = tokens.float()
+    t = t / t.norm(dim=-1, keepdim=True).clamp_min(_MIN_NORM)
+    return t @ t.transpose(-1, -2)
+
+
+def threshold_similarity(c: Tensor, threshold: float = 0.4) -> Tensor:
+    """A cosine matrix (B, N, N) with entries below ``threshold`` set to 0."""
+    return c.masked_fill(c < threshold, 0.0)
+
+
 def similarity_matrix(tokens: Tensor, threshold: float = 0.4) -> Tensor:
     """Thresholded cosine-similarity matrix of patch tokens, in float32.
 
     tokens: (B, N, C) -> S (B, N, N) with S[b, i, j] = cos(t_i, t_j), entries below
     ``threshold`` set to 0.
     """
-    t = tokens.float()
-    t = t / t.norm(dim=-1, keepdim=True).clamp_min(_MIN_NORM)
-    s = t @ t.transpose(-1, -2)
-    return s.masked_fill(s < threshold, 0.0)
+    return threshold_similarity(cosine_matrix(tokens), threshold)
 
 
 def rownorm_apply(s: Tensor, x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -118,13 +133,22 @@ def similarity_logits(s: Tensor, temperature: float = 3.0) -> Tensor:
 
 
 def _official_attention(
-    q: Tensor, k: Tensor, m: Tensor, mixture: bool
+    q: Tensor, k: Tensor, m: Tensor | None, terms: str | None
 ) -> Tensor:
-    """(B, H, N, N) float32: mean of softmax(qq^T s), softmax(kk^T s), softmax(M) (mixture),
-    or softmax(M) for every head."""
+    """(B, H, N, N) float32: the mean of the softmaxes ``terms`` names ("q+k+sim":
+    softmax(qq^T s), softmax(kk^T s), softmax(M); "q+k"; "k+sim"), s = d_head^-0.5, or
+    softmax(M) for every head when ``terms`` is None. m: (B, N, N) logits M (None only with
+    "q+k")."""
+    if terms == "q+k":
+        return correlative_probs(q, k) / 2
+    assert m is not None, "the similarity term needs the logits M"
     a_m = torch.softmax(m, dim=-1).unsqueeze(1)
-    if not mixture:
+    if terms is None:
         return a_m.expand(-1, q.shape[1], -1, -1)
+    if terms == "k+sim":
+        return (a_m + self_self_probs(k)) / 2
+    if terms != "q+k+sim":
+        raise ValueError(f"unknown SAE terms {terms!r}")
     return (correlative_probs(q, k) + a_m) / 3
 
 
@@ -133,23 +157,29 @@ def _attend(block: nn.Module, attn: Tensor, v: Tensor) -> Tensor:
     return forward.merge_heads(block, forward.attend(attn, v))
 
 
-def sae_official(block: nn.Module, x: Tensor, s_pre: Tensor, cls: Tensor | None = None,
+def _logits(sim: Tensor | None, cfg: SFPConfig) -> Tensor | None:
+    return None if sim is None else similarity_logits(sim, cfg.sim_temperature)
+
+
+def sae_official(block: nn.Module, x: Tensor, sim: Tensor | None, cls: Tensor | None = None,
                  config: SFPConfig | None = None, *, layer: int = 0,
                  hooks: Hooks = NO_HOOKS) -> Tensor:
     """The release's semantic-aware attention enhancer, in place of block L.
 
-    x: (B, N, C) patch tokens, s_pre: (B, N, N) thresholded reference similarity, cls: (B, C)
-    class token of h_{L-1} (None: no class-token term); config: its ``res_cls`` (lambda) and
-    ``sim_temperature`` are used (default official). With q, k, v = in_proj(ln_1(x)) per head:
-    attn = (softmax(qq^T/sqrt(d)) + softmax(kk^T/sqrt(d)) + softmax(M)) / 3, M =
-    :func:`similarity_logits`; returns out_proj(attn v) + lambda * cls: (B, N, C). No MLP, no
-    residual. Block ``layer``'s attention hook points fire on the N patch tokens (q, k, v,
-    pattern, z, attn_out).
+    x: (B, N, C) patch tokens; sim: (B, N, N) the matrix M is built from (the thresholded
+    reference similarity S_pre; the unthresholded cosine matrix with ``logits_from="cosine"``;
+    None when ``sae_terms`` has no similarity term); cls: (B, C) class token of h_{L-1} (None:
+    no class-token term); config: its ``res_cls`` (lambda), ``sim_temperature`` and
+    ``sae_terms`` are used (default official). With q, k, v = in_proj(ln_1(x)) per head:
+    attn = the mean of the ``sae_terms`` softmaxes (official: (softmax(qq^T/sqrt(d)) +
+    softmax(kk^T/sqrt(d)) + softmax(M)) / 3), M = :func:`similarity_logits`; returns
+    out_proj(attn v) + lambda * cls: (B, N, C). No MLP, no residual. Block ``layer``'s
+    attention hook points fire on the N patch tokens (q, k, v, pattern, z, attn_out).
     """
     cfg = SFPConfig.official() if config is None else config
     q, k, v = forward.attention_inputs(block, x, layer, hooks)
-    m = similarity_logits(s_pre, cfg.sim_temperature)
-    attn = forward.pattern_hook(_official_attention(q, k, m, mixture=True), layer, hooks)[0]
+    m = _logits(sim, cfg)
+    attn = forward.pattern_hook(_official_attention(q, k, m, cfg.sae_terms), layer, hooks)[0]
     out = forward.attention_output(block, forward.attend(attn, v), layer, hooks,
                                    layer_scale=False)
     if cls is not None:
@@ -157,21 +187,23 @@ def sae_official(block: nn.Module, x: Tensor, s_pre: Tensor, cls: Tensor | None 
     return out
 
 
-def hai_official(block: nn.Module, hidden_sum: Tensor, s_pre: Tensor,
+def hai_official(block: nn.Module, hidden_sum: Tensor, sim: Tensor | None,
                  s_post: Tensor | None = None, config: SFPConfig | None = None) -> Tensor:
     """The release's hierarchical attention integrator term Z.
 
     hidden_sum: P = sum of hidden states over the HAI layers (B, 1 + N, C), class token first;
-    s_pre: (B, N, N) gives M (:func:`similarity_logits`); s_post: (B, N, N) or None; config:
-    its ``res_cls``, ``sim_temperature``, ``hai_attention`` and ``eps`` (default official).
-    v = in_proj_v(ln_1(P patches)) of block L; attention "similarity": softmax(M) for every
-    head, "sae": the SAE mixture (:func:`sae_official`). Z = out_proj(attn v) + res_cls *
-    cls(P), then Z <- rownorm(S_post) Z when s_post is given. Returns Z: (B, N, C).
+    sim: (B, N, N) gives M (:func:`similarity_logits`; as in :func:`sae_official`, None when
+    the attention has no similarity term); s_post: (B, N, N) or None; config: its
+    ``res_cls``, ``sim_temperature``, ``hai_attention``, ``sae_terms`` and ``eps`` (default
+    official). q, k, v = in_proj(ln_1(P patches)) of block L; attention "similarity":
+    softmax(M) for every head, "sae": the SAE mixture (:func:`sae_official`) of P's q, k.
+    Z = out_proj(attn v) + res_cls * cls(P), then Z <- rownorm(S_post) Z when s_post is given.
+    Returns Z: (B, N, C).
     """
     cfg = SFPConfig.official() if config is None else config
     q, k, v = forward.qkv(block, block.ln_1(hidden_sum[:, 1:]))
-    m = similarity_logits(s_pre, cfg.sim_temperature)
-    z = _attend(block, _official_attention(q, k, m, mixture=cfg.hai_attention == "sae"), v)
+    terms = cfg.sae_terms if cfg.hai_attention == "sae" else None
+    z = _attend(block, _official_attention(q, k, _logits(sim, cfg), terms), v)
     z = z + cfg.res_cls * hidden_sum[:, :1].to(z.dtype)
     if s_post is not None:
         z = rownorm_apply(s_post, z, cfg.eps)
@@ -187,11 +219,14 @@ def sae_paper(
     ln1: bool = True,
     value: str = "proj",
     form: str = "block",
+    combine: str = "sum",
 ) -> Tensor:
     """The paper's SAE (eq. 6-7) with block L's weights.
 
     x: F_SOM (B, N, C); cls: (B, C) to let the class token take part (None: patches only).
-    attn = softmax(omega (qq^T + kk^T) / sqrt(d)) per head, q, k from ln_1(x) (``ln1``) or x.
+    attn = softmax(omega (qq^T + kk^T) / sqrt(d)) per head (``combine="sum"``) or
+    (softmax(omega qq^T / sqrt(d)) + softmax(omega kk^T / sqrt(d))) / 2 (``"mean"``), q, k from
+    ln_1(x) (``ln1``) or x.
     value "proj": a = out_proj(attn v); "identity": a = mean_h(attn) @ x.
     form "block": X1 = x + a, F = X1 + mlp(ln_2(X1)) (a standard pre-norm block's residuals);
     "eq7": F = x + mlp(ln_2(a)). Returns F_SAE: (B, N, C) (patch tokens).
@@ -200,13 +235,17 @@ def sae_paper(
         raise ValueError(f"value must be 'proj' or 'identity', got {value!r}")
     if form not in ("block", "eq7"):
         raise ValueError(f"form must be 'block' or 'eq7', got {form!r}")
+    if combine not in ("sum", "mean"):
+        raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
     tokens = x if cls is None else torch.cat([cls.unsqueeze(1).to(x.dtype), x], dim=1)
     q, k, v = forward.qkv(block, block.ln_1(tokens) if ln1 else tokens)
     qf, kf = q.float(), k.float()
-    logits = (qf @ qf.transpose(-1, -2) + kf @ kf.transpose(-1, -2)) * (
-        omega * q.shape[-1] ** -0.5
-    )
-    attn = torch.softmax(logits, dim=-1)
+    scale = omega * q.shape[-1] ** -0.5
+    if combine == "mean":
+        attn = (self_self_probs(q, scale) + self_self_probs(k, scale)) / 2
+    else:
+        logits = (qf @ qf.transpose(-1, -2) + kf @ kf.transpose(-1, -2)) * scale
+        attn = torch.softmax(logits, dim=-1)
     if value == "proj":
         a = block.ls_1(_attend(block, attn, v))
     else:
@@ -373,8 +412,10 @@ class _BlockRun:
         self.detector, self.kwargs = detector, detector_kwargs
         self.official_hai = cfg.hai and cfg.hai_variant == "official"
         self.paper_hai = cfg.hai and cfg.hai_variant == "paper"
-        self.need_s_pre = cfg.pre_aggregate or (cfg.sae and cfg.sae_variant == "official") or \
-            self.official_hai
+        sim_term = "sim" in cfg.sae_terms
+        self.need_s_pre = cfg.pre_aggregate or (
+            cfg.sae and cfg.sae_variant == "official" and sim_term) or (
+            self.official_hai and (cfg.hai_attention == "similarity" or sim_term))
         self.keep = ({r.ref_layer} if self.need_s_pre else set()) | (
             {r.post_layer} if cfg.post_aggregate else set())
         self.patterns: dict[int, Tensor] = {}
@@ -412,16 +453,22 @@ class _BlockRun:
         self.masks[layer], self.scores[layer] = result.mask, result.scores
         if layer == self.r.last_layer:
             self.x_raw = patches
+        if self.official_hai and layer in self.r.hai_layers:
+            # P sums the block outputs as the blocks produced them (before mitigation).
+            self._add_to_p(h[:, : 1 + self.n])
         mitigated, self.reports[layer] = mitigate_with_report(patches, self.grid, result.mask)
         return torch.cat([h[:, :1], mitigated, h[:, 1 + self.n :]], dim=1)
+
+    def _add_to_p(self, h: Tensor) -> None:
+        self.p_sum = h if self.p_sum is None else self.p_sum + h
 
     def _collect(self, h: Tensor, name: str) -> None:
         layer = int(name.split(".")[1])
         h = h[:, : 1 + self.n]
         if layer in self.keep:
             self.hidden[layer] = h
-        if self.official_hai and layer in self.r.hai_layers:
-            self.p_sum = h if self.p_sum is None else self.p_sum + h
+        if self.official_hai and layer in self.r.hai_layers and layer not in self.r.som_layers:
+            self._add_to_p(h)
         if self.paper_hai and layer in self.r.hai_layers:
             self.hai_attention.append(self.patterns.pop(layer).float().mean(dim=1))
             self.hai_masks.append(self.masks.get(layer))
@@ -492,16 +539,17 @@ class SFPEncoder(Encoder):
         mask = run.masks.get(r.detect_layer)
         if mask is None:
             mask = torch.zeros(x.shape[0], run.n, dtype=torch.bool, device=x.device)
-        s_pre, ref_report = self._reference(run, mask)
+        s_pre, cosine, ref_report = self._reference(run, mask)
         x_pre = rownorm_apply(s_pre, xs, cfg.eps) if cfg.pre_aggregate and s_pre is not None \
             else xs
-        x_sae = self._sae(cls, x_pre, s_pre, hooks)
+        sim = cosine if cfg.logits_from == "cosine" else s_pre  # the source of M
+        x_sae = self._sae(cls, x_pre, sim, hooks)
         s_post = x_post = None
         if cfg.post_aggregate:
             s_post = similarity_matrix(run.hidden[r.post_layer][:, 1:], cfg.sim_threshold)
             x_post = rownorm_apply(s_post, x_sae, cfg.eps)
         x_post = x_sae if x_post is None else x_post
-        z, hai_matrix, x_final = self._hai(run, x_post, s_pre, s_post)
+        z, hai_matrix, x_final = self._hai(run, x_post, sim, s_post)
         return SFPStages(
             config=r, grid=grid, mask=mask, masks=run.masks, scores=run.scores,
             reports=run.reports, reference_report=ref_report, cls=cls,
@@ -511,16 +559,18 @@ class SFPEncoder(Encoder):
         )
 
     def _reference(self, run: _BlockRun, mask: Tensor
-                   ) -> tuple[Tensor | None, MitigationReport | None]:
-        """Step 4: S_pre from h_ref, mitigated at the final outlier positions."""
+                   ) -> tuple[Tensor | None, Tensor | None, MitigationReport | None]:
+        """Step 4: (S_pre, its unthresholded cosine matrix, the mitigation report) from h_ref,
+        mitigated at the final outlier positions."""
         if not run.need_s_pre:
-            return None, None
+            return None, None, None
         ref, report = run.hidden[self.resolved.ref_layer][:, 1:], None
         if self._config.som:
             ref, report = mitigate_with_report(ref, run.grid, mask)
-        return similarity_matrix(ref, self._config.sim_threshold), report
+        cosine = cosine_matrix(ref)
+        return threshold_similarity(cosine, self._config.sim_threshold), cosine, report
 
-    def _sae(self, cls: Tensor, x_pre: Tensor, s_pre: Tensor | None, hooks: Hooks) -> Tensor:
+    def _sae(self, cls: Tensor, x_pre: Tensor, sim: Tensor | None, hooks: Hooks) -> Tensor:
         """Step 5, in place of block L: SAE (official / paper), or the standard block."""
         cfg, last = self._config, self.resolved.num_layers
         block = forward.blocks_of(self.visual)[last - 1]
@@ -528,20 +578,19 @@ class SFPEncoder(Encoder):
             tokens = torch.cat([cls.unsqueeze(1), x_pre], dim=1)
             return forward.block_forward(block, tokens, last, hooks)[:, 1:]
         if cfg.sae_variant == "official":
-            assert s_pre is not None
-            return sae_official(block, x_pre, s_pre, cls, cfg, layer=last, hooks=hooks)
+            return sae_official(block, x_pre, sim, cls, cfg, layer=last, hooks=hooks)
         return sae_paper(block, x_pre, cls if cfg.paper_sae_cls else None, omega=cfg.omega,
                          ln1=cfg.paper_sae_ln1, value=cfg.paper_sae_value,
-                         form=cfg.paper_sae_form)
+                         form=cfg.paper_sae_form, combine=cfg.paper_sae_combine)
 
-    def _hai(self, run: _BlockRun, x_post: Tensor, s_pre: Tensor | None,
+    def _hai(self, run: _BlockRun, x_post: Tensor, sim: Tensor | None,
              s_post: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor]:
         """Step 7: (Z, A_HAI, final tokens X) of the official or the paper HAI (or neither)."""
         cfg = self._config
         if run.official_hai:
-            assert run.p_sum is not None and s_pre is not None
+            assert run.p_sum is not None
             block = forward.blocks_of(self.visual)[self.resolved.num_layers - 1]
-            z = hai_official(block, run.p_sum, s_pre, s_post, cfg)
+            z = hai_official(block, run.p_sum, sim, s_post, cfg)
             return z, None, x_post + z
         if run.paper_hai:
             x_final, a = hai_paper(run.hai_attention, x_post, run.hai_masks,
@@ -556,6 +605,25 @@ class SFPEncoder(Encoder):
         )
 
 
+class SCCLIPEncoder(SFPEncoder):
+    """SC-CLIP (Bai et al., the sibling release of SFP) on SFP's engine: an
+    :class:`SFPEncoder` whose default configuration is ``SFPConfig.preset("sc-clip")``.
+
+    Differs from SC-CLIP's own mitigation in one case: a flagged patch with no unflagged
+    8-neighbour keeps its value in SC-CLIP; here the window widens (5 x 5, 7 x 7, ...) until
+    it holds an unflagged token (counted in ``stages(...).widened``).
+    """
+
+    name = "sc-clip"
+
+    def __init__(self, bundle: Any, config: SFPConfig | str | None = None) -> None:
+        super().__init__(bundle, SFPConfig.preset("sc-clip") if config is None else config)
+
+
 register_encoder("sfp", SFPEncoder, display="SFP", config_type=SFPConfig,
                  citation="Jin et al., ICCV 2025",
                  doc="outlier mitigation (SOM), attention enhancer (SAE), integrator (HAI)")
+register_encoder("sc-clip", SCCLIPEncoder, display="SC-CLIP", config_type=SFPConfig,
+                 citation="Bai et al., SC-CLIP",
+                 doc="SC-CLIP: LOF outliers, similarity-and-key attention, multi-level "
+                     "integration (SFPConfig.preset('sc-clip'))")

@@ -31,6 +31,27 @@ OPENAI_TEMPLATES: tuple[Template, ...] = tuple(open_clip.OPENAI_IMAGENET_TEMPLAT
 TEMPLATES: Registry[tuple[Template | str, ...]] = Registry("template set")
 TEMPLATES.register("openai80", OPENAI_TEMPLATES, display="80 OpenAI ImageNet templates",
                    doc="the 80 templates OpenAI used for ImageNet zero-shot (the papers' choice)")
+#: The 15 templates of the release's December 2025 code (its run log's text queries).
+SFP15_TEMPLATES: tuple[str, ...] = (
+    "a clean origami {}.",
+    "a photo of a {}.",
+    "This is a photo of a {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a {} in the scene.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+    "There is the {} in the scene.",
+    "a photo of a {} in the scene.",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+)
+TEMPLATES.register("sfp15", SFP15_TEMPLATES, display="15 SFP templates",
+                   doc="the 15 templates of the release's December 2025 code (its VOC21 run "
+                       "log; the default of preset release-2025-12)")
 TEMPLATES.register("simple", ("a photo of a {}.",), display="'a photo of a {}.'",
                    doc="one template, 'a photo of a {}.': fast, for quick looks and tests")
 

@@ -27,6 +27,7 @@ from sfp.viz.figures import style
 from sfp.viz.figures.views import CropFigureData, ImageView, image_view
 
 __all__ = [
+    "PAPER_CRITERION_NOTE",
     "LayerwiseData",
     "SOMDetections",
     "default_purification_layers",
@@ -55,6 +56,19 @@ def default_purification_layers(num_layers: int) -> list[int]:
     return out
 
 
+#: Said wherever a figure shows the paper's criterion (eq. 4) without the release's factor:
+#: before the outliers appear it flags about half of the patches (on the planted ViT-B/16,
+#: 80-114 of 196 in each of layers 1-6, then exactly the 8-9 planted ones from layer 7 on).
+PAPER_CRITERION_NOTE = ("eq. 4 without the release's factor 1.5 and top-10 flags about half "
+                        "the tokens of early layers")
+
+
+def paper_criterion_note(cls_scale: float, top_k: int | None) -> str:
+    """:data:`PAPER_CRITERION_NOTE` when SOM runs with the paper's criterion (factor 1, no
+    top-k), else ""."""
+    return PAPER_CRITERION_NOTE if float(cls_scale) == 1.0 and top_k is None else ""
+
+
 def _view(bundle: Any, image: Any) -> ImageView:
     return image if isinstance(image, ImageView) else image_view(bundle, image)
 
@@ -67,12 +81,14 @@ class LayerwiseData(CropFigureData):
     (L', N, C) the SOM-purified tokens of the per-layer-SOM forward (= its raw output where
     SOM flags nothing or does not run). masks: (L', gh, gw) bool, SOM's detections in that
     forward (False where it did not run). image: (H, W, 3). config: the configuration text.
+    criterion_note: :data:`PAPER_CRITERION_NOTE` when SOM used the paper's criterion, else "".
     """
 
     layers: list[int]
     raw: np.ndarray
     purified: np.ndarray
     masks: np.ndarray
+    criterion_note: str = ""
 
     def norm_maps(self) -> tuple[np.ndarray, np.ndarray]:
         """(L', gh, gw) L2 norms of the raw and the purified tokens."""
@@ -142,6 +158,8 @@ def layerwise_data(
         label=bundle.label,
         is_synthetic=bundle.is_synthetic,
         config=repr(cfg),
+        criterion_note=paper_criterion_note(cfg.cls_scale, cfg.top_k)
+        if cfg.detector == "som" else "",
     )
 
 
@@ -210,7 +228,8 @@ def layerwise_purification(data: LayerwiseData, *, mode: str = "norm",
         fig.suptitle(style.wrap_title(style.figure_title(
             f"Layer-wise purification — {d.name}", paper_ref=PAPER_REF, label=d.label,
             is_synthetic=d.is_synthetic, layers=_range(d.layers),
-            detail=f"{d.config} · white boxes: SOM's detections · {unit}"), 125))
+            detail=f"{d.config} · white boxes: SOM's detections · {unit}"
+                   + (f" · {d.criterion_note}" if d.criterion_note else "")), 125))
     return fig
 
 
@@ -252,7 +271,7 @@ def layerwise_purification_plotly(data: LayerwiseData):
     gh, gw = d.grid
     title = style.figure_title(f"Layer-wise purification — {d.name}", paper_ref=PAPER_REF,
                                label=d.label, is_synthetic=d.is_synthetic,
-                               layers=_range(d.layers))
+                               layers=_range(d.layers), detail=d.criterion_note or None)
     fig.update_layout(width=max(900, 150 * n), height=int(2 * 150 * gh / gw) + 190,
                       template="plotly_white")
     return style.plotly_title(fig, title)
@@ -279,6 +298,15 @@ class SOMDetections:
     params: dict[str, Any]
     label: str
     is_synthetic: bool
+
+    @property
+    def criterion_note(self) -> str:
+        """:data:`PAPER_CRITERION_NOTE` when the detections use the paper's criterion."""
+        from sfp.core.outliers import som
+        from sfp.core.registry import signature_defaults
+
+        p = {**signature_defaults(som), **self.params}
+        return paper_criterion_note(p["cls_scale"], p["top_k"])
 
 
 def som_detections_data(
@@ -316,9 +344,11 @@ def som_detections_data(
 
 def _som_title(d: SOMDetections) -> str:
     params = ", ".join(f"{k}={v}" for k, v in d.params.items())
+    note = d.criterion_note
     return style.figure_title("SOM's outlier detections on several images", paper_ref=SUPP_REF,
                               label=d.label, is_synthetic=d.is_synthetic,
-                              layers=f"layer {d.layer}", detail=f"som({params})")
+                              layers=f"layer {d.layer}",
+                              detail=f"som({params})" + (f" · {note}" if note else ""))
 
 
 def som_detections(data: SOMDetections) -> Figure:

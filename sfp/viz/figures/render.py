@@ -228,8 +228,18 @@ class _Renderer:
                  "forward; row (b): the paper preset, where SOM purifies every layer's output "
                  f"before the next block (flagged per layer — {flags}). Bright spots that "
                  "appear in (a) and stay are outliers; in (b) they are replaced as soon as they "
-                 "appear and do not propagate.",
+                 "appear and do not propagate." + _criterion_caption(lw),
                  self._plotly(lw_mod.layerwise_purification_plotly, lw))
+
+
+def _criterion_caption(lw: lw_mod.LayerwiseData) -> str:
+    """The paper-criterion caveat with this figure's largest per-layer count, or ""."""
+    if not lw.criterion_note:
+        return ""
+    n = lw.grid[0] * lw.grid[1]
+    k = max(range(len(lw.layers)), key=lambda i: int(lw.masks[i].sum()))
+    return (f" Note: {lw.criterion_note} (here up to {int(lw.masks[k].sum())} of {n} patches, "
+            f"layer {lw.layers[k]}): most of those flags are not outliers.")
 
 
 def render_som_detections(
@@ -254,6 +264,9 @@ def render_som_detections(
             f"top-k) at layer {d.layer}, on each image. It adapts the number of outliers to "
             f"the image ({counts}); row (a) shows that the flagged patches are the bright, "
             "high-norm ones.")
+    if d.criterion_note:
+        text += (f" Note: {lw_mod.PAPER_CRITERION_NOTE} (before the outliers appear), so on "
+                 "other layers most of its flags are not outliers.")
     key = "som_detections"
     return FigureResult(key, FAMILIES[key][0] + f" ({FAMILIES[key][1]})", text, files,
                         lw_mod.som_detections_plotly(d) if interactive else None)
