@@ -596,10 +596,16 @@ class Segmenter:
         (:data:`sfp.seg.benchmarks.BENCHMARKS`).
 
         ``overrides`` replace any argument of :class:`Segmenter` (``method``, ``config``,
-        ``templates``, ``logit_scale``, ...); the classes are the benchmark's class list.
+        ``templates``, ``logit_scale``, ...); the classes are the benchmark's class list. The
+        settings are :meth:`~sfp.seg.benchmarks.Benchmark.settings_for` the method (default
+        ``"sfp"``) and ``bundle.name`` (e.g. ADE20K: short side 384, 336 for ``"sc-clip"``;
+        ViT-L/14 thresholds on voc21 and coco_object).
         """
         bench = get_benchmark(name)
-        kwargs: dict[str, Any] = {**bench.settings.as_kwargs(), "templates": bench.templates,
+        method = overrides.get("method", "sfp")
+        method_name = method if isinstance(method, str) else getattr(method, "name", None)
+        settings = bench.settings_for(method=method_name, model=bundle.name)
+        kwargs: dict[str, Any] = {**settings.as_kwargs(), "templates": bench.templates,
                                   **overrides}
         kwargs.setdefault("classes", bench.name)
         return cls(bundle, **kwargs)
