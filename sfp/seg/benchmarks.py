@@ -169,7 +169,7 @@ _LAYOUTS: dict[str, DatasetSpec] = {
         "coco_object",
         81,
         "_instanceTrainIds.png",
-        "0 = background, 1..80 things, 255 = ignore",
+        "0 = background (stuff and unlabeled), 1..80 things",
         "Derive the *_instanceTrainIds.png labels from COCO-Stuff164k's *_labelTrainIds.png "
         "with sfp.seg.datasets.prepare_coco_object(root) (sfp prepare coco-object).",
     ),
