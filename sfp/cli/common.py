@@ -15,14 +15,18 @@ __all__ = [
     "add_model_arguments",
     "add_segmenter_arguments",
     "load_bundle_from_args",
+    "resolve_precision",
     "segmenter_overrides",
 ]
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model / --pretrained / --quick-gelu / --device / --synthetic / --precision / --seed."""
+def add_model_arguments(p: argparse.ArgumentParser, precision: str = "fp32") -> None:
+    """--model / --pretrained / --quick-gelu / --device / --synthetic / --precision / --seed.
+
+    precision: the default of --precision (``"auto"``: fp16 on CUDA as the release runs,
+    fp32 on the CPU)."""
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
     p.add_argument(
         "--pretrained",
@@ -35,8 +39,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--synthetic", action="store_true",
                    help="use the planted-outlier model (no weights needed; NOT a real CLIP)")
-    p.add_argument("--precision", default="fp32", choices=tuple(_DTYPES),
-                   help="model precision (default fp32; the release ran fp16 on CUDA)")
+    p.add_argument("--precision", default=precision, choices=_PRECISION_CHOICES,
+                   help="fp16/bf16: weights in that dtype, LayerNorms in fp32 (the release's "
+                   "convention); auto: fp16 on CUDA, fp32 on the CPU "
+                   f"(default {precision})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of --pretrained random and --synthetic weights (default 0), so "
                    "every rank and every resumed run builds the same model")
@@ -44,7 +50,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_bundle_from_args(args: argparse.Namespace) -> Any:
     """Load the model the shared model arguments ask for (in the asked precision)."""
-    from sfp.models.loading import default_pretrained, load_model
+    from sfp.models.loading import default_pretrained, load_model, set_precision
 
     if getattr(args, "synthetic", False):
         from sfp.models.synthetic import planted_model
@@ -57,10 +63,16 @@ def load_bundle_from_args(args: argparse.Namespace) -> Any:
         qg = {"auto": None, "yes": True, "no": False}[args.quick_gelu]
         bundle = load_model(args.model, pretrained=None if pretrained == "random" else pretrained,
                             device=args.device, quick_gelu=qg)
-    dtype = _DTYPES[getattr(args, "precision", "fp32")]
-    if bundle.dtype != dtype:
-        bundle.model.to(dtype)
+    set_precision(bundle.model, resolve_precision(args, bundle.device))
     return bundle
+
+
+def resolve_precision(args: argparse.Namespace, device: Any) -> str:
+    """The precision the arguments ask for on ``device`` (``auto`` resolved)."""
+    from sfp.models.loading import default_precision
+
+    precision = getattr(args, "precision", "fp32")
+    return default_precision(device) if precision == "auto" else precision
 
 
 def add_segmenter_arguments(p: argparse.ArgumentParser) -> None:
