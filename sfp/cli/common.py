@@ -90,6 +90,9 @@ def add_segmenter_arguments(p: argparse.ArgumentParser) -> None:
                        f"{e.name}: {e.doc}" for e in TEMPLATES.entries())
                    + " (default: the benchmark's, else openai80)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per encoder call")
+    p.add_argument("--no-cache", action="store_true",
+                   help="embed the text queries afresh, without the on-disk cache "
+                   "($SFP_TEXT_CACHE, default ~/.cache/sfp/text)")
     g = p.add_argument_group("overrides of the benchmark's settings (advanced)")
     g.add_argument("--short-side", type=int, default=None)
     g.add_argument("--crop", type=int, default=None)
@@ -110,6 +113,7 @@ def segmenter_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.area_thd is not None:
         out["area_thd"] = None if args.area_thd < 0 else args.area_thd
     out["batch_size"] = args.batch_size
+    out["text_cache"] = not getattr(args, "no_cache", False)
     out["method"] = args.method
     out["config"] = args.preset if args.method == "sfp" else None
     return out

@@ -527,6 +527,8 @@ class Segmenter:
             strings / callables.
         fwd_hooks: interventions applied in every window's forward (``[(hook name, fn)]``).
         queries: text queries already embedded for these classes (reused, not re-embedded).
+        text_cache: read and write the on-disk text-query cache
+            (:func:`sfp.models.text.text_cache_dir`); False embeds afresh.
 
     Defaults are :class:`sfp.seg.benchmarks.Settings`' (the released protocol). Text queries
     are embedded once, on first use, and kept.
@@ -549,6 +551,7 @@ class Segmenter:
         max_long_side: int | None = _DEFAULTS.max_long_side,
         fwd_hooks: Any = None,
         queries: Queries | None = None,
+        text_cache: bool = True,
     ) -> None:
         if crop < bundle.patch_size:
             raise ValueError(f"crop ({crop}) must be at least one patch ({bundle.patch_size}).")
@@ -578,6 +581,7 @@ class Segmenter:
         self.area_thd = None if area_thd is None else float(area_thd)
         self.batch_size = int(batch_size)
         self.templates = templates
+        self.text_cache = bool(text_cache)
         resolve_templates(templates)
         self.fwd_hooks = None if fwd_hooks is None else self.encoder.hooks(fwd_hooks)
         self._queries: Queries | None = None
@@ -626,7 +630,7 @@ class Segmenter:
         if self._queries is None:
             # class_list validated the names already (released lists may repeat one)
             self._queries = embed_queries(self.bundle, self.classes, self.templates,
-                                          allow_duplicates=True)
+                                          allow_duplicates=True, cache=self.text_cache)
             self._query_emb = self._queries.embeddings.to(self.bundle.device, torch.float32)
         return self._queries
 
