@@ -492,6 +492,16 @@ def test_cli_figures_checks_inputs_before_loading(tmp_path, monkeypatch, capsys)
         cli.main(["figures", "--image", str(img), "--out", str(tmp_path / "o"), "--detector",
                   "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+    # one head is the sfp variant's: refused (before loading) unless --no-as-released
+    rc = cli.main(["figures", "--image", str(img), "--out", str(tmp_path / "o"), "--head", "2"])
+    assert rc == 2 and "--no-as-released" in capsys.readouterr().err
+    from sfp.cli.app import build_parser
+
+    args = build_parser().parse_args(["figures", "--image", "a", "--out", "o"])
+    assert args.as_released is True
+    args = build_parser().parse_args(["figures", "--image", "a", "--out", "o",
+                                      "--no-as-released"])
+    assert args.as_released is False
 
 
 def test_data_or_build_refuses_options_with_ready_data():
