@@ -100,3 +100,10 @@ def test_defaults_and_cli_line(pair) -> None:
     line = _precision_line(auto, b16)
     assert "fp16" in line and "release" in line and "--precision fp32" in line
     assert "fp32" in _precision_line(auto, b32) and "CPU default" in _precision_line(auto, b32)
+
+
+def test_precision_of_other_dtype(pair) -> None:
+    b32, _ = pair
+    m = copy.deepcopy(b32.model).double()
+    assert precision_of(m) == "float64"
+    assert precision_of(b32.model) == "fp32"

@@ -83,7 +83,7 @@ def _precision_line(args: argparse.Namespace, bundle: Any) -> str:
 
     prec = precision_of(bundle.model)
     why = {"fp32": "full precision", "fp16": "fp16 weights, LayerNorm in fp32",
-           "bf16": "bf16 weights, LayerNorm in fp32"}[prec]
+           "bf16": "bf16 weights, LayerNorm in fp32"}.get(prec, prec)
     line = f"sfp eval: {bundle.name} in {prec} on {bundle.device} ({why}"
     if args.precision == "auto":
         line += ("; the release's default on CUDA, --precision fp32 for full precision"

@@ -511,9 +511,11 @@ def set_precision(model: nn.Module, precision: str) -> nn.Module:
 
 
 def precision_of(model: nn.Module) -> str:
-    """The name of ``model``'s precision (from its patch-embedding weights)."""
+    """The name of ``model``'s precision (from its patch-embedding weights; another dtype,
+    e.g. float64, by its torch name)."""
     dtype = model.visual.conv1.weight.dtype
-    return next(k for k, v in PRECISIONS.items() if v == dtype)
+    return next((k for k, v in PRECISIONS.items() if v == dtype),
+                str(dtype).replace("torch.", ""))
 
 
 def default_precision(device: str | torch.device) -> str:
