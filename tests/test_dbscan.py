@@ -85,3 +85,21 @@ def test_planted_model_truth() -> None:
         assert torch.equal(got, planted), layer
     for layer in range(1, truth.onset_layer):
         assert not detect("dbscan", trace, layer).mask.any(), layer
+
+
+def test_explorer_grows_dbscan_sliders() -> None:
+    from conftest import make_tiny_bundle
+
+    from sfp.core.io import normalize
+    from sfp.viz.widgets import OutlierExplorer
+
+    bundle = make_tiny_bundle()
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    trace = probe.record(bundle, normalize(img, bundle)[None], store=("hidden",))
+    ex = OutlierExplorer(trace, img, map="norm", detector="dbscan")
+    assert ex.eps_slider.value == 2.0 and ex.min_samples_slider.value == 4
+    assert ex.max_cluster_slider.value == 0.1
+    ex.eps_slider.value = 1.0
+    assert ex.detector_params() == {"eps": 1.0, "min_samples": 4, "max_cluster": 0.1}
+    want = detect("dbscan", trace, ex.layer, eps=1.0).mask[0]
+    assert torch.equal(ex.current_result().mask[0], want)
