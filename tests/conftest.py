@@ -47,6 +47,15 @@ def tiny_vit() -> ModelBundle:
     return make_tiny_bundle()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _text_cache_in_tmp(tmp_path_factory):
+    """The on-disk text-query cache of every test lives in a temporary folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SFP_TEXT_CACHE", str(tmp_path_factory.mktemp("text-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_registries():
     """Detectors, encoders or presets a test registers do not leak into later tests."""

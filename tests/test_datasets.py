@@ -11,6 +11,8 @@ from PIL import Image
 
 from sfp.seg.benchmarks import BENCHMARKS, class_names, get_benchmark
 from sfp.seg.datasets import (
+    COCO_OBJECT_FORMAT,
+    COCO_OBJECT_MARKER,
     DatasetLayoutError,
     SegDataset,
     load_dataset,
@@ -241,7 +243,8 @@ def test_prepare_coco_object(tmp_path: Path) -> None:
     write_label(stuff / "annotations/val2017/000000000139_labelTrainIds.png", hand)
     assert prepare_coco_object(stuff, progress=False) == 2
     out = stuff / "annotations/val2017/000000000139_instanceTrainIds.png"
-    expected = np.array([[1, 80, 0, 0, 255], [6, 0, 1, 80, 255], [255, 0, 2, 3, 4]])
+    # things 0..79 -> +1; stuff 80..170 and unlabeled 255 -> 0 (background)
+    expected = np.array([[1, 80, 0, 0, 0], [6, 0, 1, 80, 0], [0, 0, 2, 3, 4]])
     with Image.open(out) as im:
         assert im.mode == "L"
         np.testing.assert_array_equal(np.asarray(im), expected)
@@ -250,6 +253,28 @@ def test_prepare_coco_object(tmp_path: Path) -> None:
     assert len(ds) == 2
     np.testing.assert_array_equal(ds[0].label, expected)
     assert not list(stuff.glob("annotations/val2017/*.tmp"))
+
+
+def test_prepare_coco_object_regenerates_old_format(tmp_path: Path) -> None:
+    stuff = make_fake_dataset("coco_stuff164k", tmp_path, n=2, size=(2, 4))
+    hand = np.array([[255, 3, 90, 255], [0, 79, 80, 255]])
+    write_label(stuff / "annotations/val2017/000000000139_labelTrainIds.png", hand)
+    ann = stuff / "annotations/val2017"
+    out = ann / "000000000139_instanceTrainIds.png"
+    # outputs of the old rule (255 kept as ignore), no marker: regenerated, marker written
+    write_label(out, np.array([[255, 4, 0, 255], [1, 80, 0, 255]]))
+    write_label(ann / "000000000140_instanceTrainIds.png", np.full((4, 4), 255))
+    assert not (ann / COCO_OBJECT_MARKER).exists()
+    assert prepare_coco_object(stuff, progress=False) == 2
+    with Image.open(out) as im:
+        np.testing.assert_array_equal(np.asarray(im), [[0, 4, 0, 0], [1, 80, 0, 0]])
+    assert (ann / COCO_OBJECT_MARKER).read_text().strip() == str(COCO_OBJECT_FORMAT)
+    assert not list(ann.glob("*.tmp"))
+    assert prepare_coco_object(stuff, progress=False) == 0  # marked current: skipped
+    # an older version number in the marker counts as stale too
+    (ann / COCO_OBJECT_MARKER).write_text("1\n")
+    assert prepare_coco_object(stuff, progress=False) == 2
+    assert int((ann / COCO_OBJECT_MARKER).read_text()) == COCO_OBJECT_FORMAT
 
 
 def test_prepare_coco_object_out_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -223,7 +223,13 @@ def test_prepare_coco_object(tmp_path, capsys) -> None:
     lab = ds[0].label
     assert len(ds) == 2
     assert np.array_equal(lab[src < 80], src[src < 80] + 1)  # things 0..79 -> 1..80
-    assert (lab[(src >= 80) & (src <= 170)] == 0).all() and (lab[src == 255] == 255).all()
+    # stuff and unlabeled (255) -> background 0, as the releases' converter does
+    assert (src == 255).any()
+    assert (lab[(src >= 80) & (src <= 170)] == 0).all() and (lab[src == 255] == 0).all()
+    # the same command again skips the labels it marked as current
+    rc, stdout, err = run(capsys, ["prepare", "coco-object", "--stuff-root", str(stuff),
+                                   "--out", str(out)])
+    assert rc == 0 and "wrote 0 label files" in stdout, err
     rc, _, err = run(capsys, ["prepare", "coco-object", "--stuff-root", str(tmp_path / "no")])
     assert rc == 2 and "Expected layout" in err
 

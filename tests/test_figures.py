@@ -178,7 +178,8 @@ def test_outlier_grid(case):
         # SOM as the notebook computes it (eq. 4, no top-k) finds exactly the planted tokens
         late = case.truth.onset_layer + 2
         d = outlier_grid_data(case.trace, case.view.rgb, layers=[late],
-                              detector_params={"top_k": None, "cls_scale": 1.0})
+                              detector_params={"top_k": None, "cls_scale": 1.0},
+                              as_released=False)
         planted = case.truth.mask(case.view.pixels)[0].numpy()
         assert planted.sum() > 0
         assert np.array_equal(d.masks[late], planted)
@@ -186,8 +187,9 @@ def test_outlier_grid(case):
 
 def test_outlier_grid_options(case):
     d = outlier_grid_data(case.trace, None, layers=[2, 4, 6], detector="l2", head=1,
-                          patch=(1, 2))
+                          patch=(1, 2), as_released=False)
     fig = outlier_grid(d)
+    assert "sfp variant" in _title(fig) and "as released" not in _title(fig)
     assert len(_main_axes(fig)) == 7 * 3
     assert "head 1" in _title(fig) and "l2" in _title(fig)
     assert d.patch == 1 * case.grid[1] + 2
@@ -195,7 +197,47 @@ def test_outlier_grid_options(case):
     att = case.trace.attention(4)[0, 1].numpy()
     np.testing.assert_allclose(d.attention[4], att)
     with pytest.raises(ValueError, match="head"):
-        outlier_grid_data(case.trace, None, head=99)
+        outlier_grid_data(case.trace, None, head=99, as_released=False)
+
+
+def test_outlier_grid_as_released_by_hand(case):
+    d = outlier_grid_data(case.trace, case.view.rgb)
+    assert d.as_released and "as released" in _title(outlier_grid(d))
+    gh, gw = case.grid
+    assert d.patch == (gh // 2) * gw + gw // 2
+    for layer in d.layers:
+        # the notebook: head mean, then the class token's row (patch columns) x 1.5
+        a = case.trace.attention(layer)[0].double().numpy().mean(axis=0)
+        a[0, 1:] *= 1.5
+        np.testing.assert_allclose(d.attention[layer], a, rtol=1e-5, atol=1e-7)
+        # outliers: 1.5 A[cls, i] > A[i, i] for every patch, no top-k
+        want = np.array([a[0, 1 + i] > a[1 + i, 1 + i] for i in range(gh * gw)])
+        assert np.array_equal(d.masks[layer].reshape(-1), want)
+        # row 7: patch 105's (here: the centre's) attention with the outliers zeroed
+        row = a[1 + d.patch, 1:].copy()
+        row[want] = 0.0
+        np.testing.assert_allclose(d.patch_map_clean(layer).reshape(-1), row, rtol=1e-5,
+                                   atol=1e-7)
+    for bad in ({"head": 0}, {"detector": "l2"}, {"detector_params": {"top_k": 3}}):
+        with pytest.raises(ValueError, match="as_released=False"):
+            outlier_grid_data(case.trace, None, **bad)
+
+
+def test_as_released_patch_105_and_squashed_view(tiny_vit, vit_b16) -> None:
+    # columns 0..89 red, the rest blue, 100 x 300: squashing keeps the whole width (red ends
+    # at column 90 * 224 / 300 = 67.2), the centre crop (columns 100..200) has no red
+    img = np.zeros((100, 300, 3), dtype=np.uint8)
+    img[:, :90, 0] = 255
+    img[:, 90:, 2] = 255
+    sq = image_view(tiny_vit, img, squash=True)
+    assert sq.rgb.shape == (224, 224, 3)
+    assert sq.rgb[:, :64, 0].min() > 0.99 and sq.rgb[:, :64, 2].max() < 0.01
+    assert sq.rgb[:, 71:, 2].min() > 0.99 and sq.rgb[:, 71:, 0].max() < 0.01
+    cropped = image_view(tiny_vit, img)  # the centre crop sees no red at all
+    assert cropped.rgb[..., 0].max() < 0.01
+    view = image_view(vit_b16, img, squash=True)
+    d = outlier_grid_data(record(vit_b16, view.pixels, layers=[1]), view.rgb, layers=[1])
+    assert d.grid == (14, 14) and d.patch == 105
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,6 +492,16 @@ def test_cli_figures_checks_inputs_before_loading(tmp_path, monkeypatch, capsys)
         cli.main(["figures", "--image", str(img), "--out", str(tmp_path / "o"), "--detector",
                   "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+    # one head is the sfp variant's: refused (before loading) unless --no-as-released
+    rc = cli.main(["figures", "--image", str(img), "--out", str(tmp_path / "o"), "--head", "2"])
+    assert rc == 2 and "--no-as-released" in capsys.readouterr().err
+    from sfp.cli.app import build_parser
+
+    args = build_parser().parse_args(["figures", "--image", "a", "--out", "o"])
+    assert args.as_released is True
+    args = build_parser().parse_args(["figures", "--image", "a", "--out", "o",
+                                      "--no-as-released"])
+    assert args.as_released is False
 
 
 def test_data_or_build_refuses_options_with_ready_data():

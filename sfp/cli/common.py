@@ -16,14 +16,18 @@ __all__ = [
     "add_segmenter_arguments",
     "load_bundle_from_args",
     "preset_default_templates",
+    "resolve_precision",
     "segmenter_overrides",
 ]
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model / --pretrained / --quick-gelu / --device / --synthetic / --precision / --seed."""
+def add_model_arguments(p: argparse.ArgumentParser, precision: str = "fp32") -> None:
+    """--model / --pretrained / --quick-gelu / --device / --synthetic / --precision / --seed.
+
+    precision: the default of --precision (``"auto"``: fp16 on CUDA as the release runs,
+    fp32 on the CPU)."""
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
     p.add_argument(
         "--pretrained",
@@ -36,8 +40,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--synthetic", action="store_true",
                    help="use the planted-outlier model (no weights needed; NOT a real CLIP)")
-    p.add_argument("--precision", default="fp32", choices=tuple(_DTYPES),
-                   help="model precision (default fp32; the release ran fp16 on CUDA)")
+    p.add_argument("--precision", default=precision, choices=_PRECISION_CHOICES,
+                   help="fp16/bf16: weights in that dtype, LayerNorms in fp32 (the release's "
+                   "convention); auto: fp16 on CUDA, fp32 on the CPU "
+                   f"(default {precision})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of --pretrained random and --synthetic weights (default 0), so "
                    "every rank and every resumed run builds the same model")
@@ -45,7 +51,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_bundle_from_args(args: argparse.Namespace) -> Any:
     """Load the model the shared model arguments ask for (in the asked precision)."""
-    from sfp.models.loading import default_pretrained, load_model
+    from sfp.models.loading import default_pretrained, load_model, set_precision
 
     if getattr(args, "synthetic", False):
         from sfp.models.synthetic import planted_model
@@ -58,10 +64,16 @@ def load_bundle_from_args(args: argparse.Namespace) -> Any:
         qg = {"auto": None, "yes": True, "no": False}[args.quick_gelu]
         bundle = load_model(args.model, pretrained=None if pretrained == "random" else pretrained,
                             device=args.device, quick_gelu=qg)
-    dtype = _DTYPES[getattr(args, "precision", "fp32")]
-    if bundle.dtype != dtype:
-        bundle.model.to(dtype)
+    set_precision(bundle.model, resolve_precision(args, bundle.device))
     return bundle
+
+
+def resolve_precision(args: argparse.Namespace, device: Any) -> str:
+    """The precision the arguments ask for on ``device`` (``auto`` resolved)."""
+    from sfp.models.loading import default_precision
+
+    precision = getattr(args, "precision", "fp32")
+    return default_precision(device) if precision == "auto" else precision
 
 
 def add_segmenter_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,6 +92,9 @@ def add_segmenter_arguments(p: argparse.ArgumentParser) -> None:
                    + " (default: the preset's if it names one (release-2025-12: sfp15), "
                    "else the benchmark's, else openai80)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per encoder call")
+    p.add_argument("--no-cache", action="store_true",
+                   help="embed the text queries afresh, without the on-disk cache "
+                   "($SFP_TEXT_CACHE, default ~/.cache/sfp/text)")
     g = p.add_argument_group("overrides of the benchmark's settings (advanced)")
     g.add_argument("--short-side", type=int, default=None)
     g.add_argument("--crop", type=int, default=None)
@@ -100,6 +115,7 @@ def segmenter_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.area_thd is not None:
         out["area_thd"] = None if args.area_thd < 0 else args.area_thd
     out["batch_size"] = args.batch_size
+    out["text_cache"] = not getattr(args, "no_cache", False)
     out["method"] = args.method
     out["config"] = args.preset if args.method == "sfp" else None
     if "templates" not in out and out["config"] is not None:

@@ -77,6 +77,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--detector", default="som", choices=DETECTORS.names(),
                    help="outlier detector (default som)")
     p.add_argument("--head", type=_head, default="mean", help="'mean' or a head index")
+    p.add_argument("--as-released", action=argparse.BooleanOptionalAction, default=True,
+                   help="outlier grid as the released notebook draws it: image squashed to "
+                   "a square, class-token attention x 1.5, outliers 1.5 A[cls,i] > A[i,i] "
+                   "without top-k (default); --no-as-released: the sfp variant with "
+                   "--detector and --head")
     p.add_argument("--patch", type=_patch, default=None,
                    help="selected patch: INDEX or ROW,COL (default: centre)")
     p.add_argument("--classes", default="voc21",
@@ -158,6 +163,10 @@ def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--image {path}: no such file.")
     DETECTORS.get(args.detector)  # RegistryError naming the detectors
+    as_released = getattr(args, "as_released", True)
+    if as_released and args.head != "mean":
+        raise ValueError(f"--head {args.head}: the as-released outlier grid uses the head mean; "
+                         "add --no-as-released to draw one head.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if bundle is None:
@@ -173,13 +182,16 @@ def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
     for path in args.image:
         name = _unique_stem(Path(path), used)
         view = image_view(bundle, path, size=args.size, crop=not args.no_crop, name=name)
+        grid_view = (image_view(bundle, path, size=args.size, squash=True, name=name)
+                     if as_released else None)
         print(f"  {name}: {view.size[0]} x {view.size[1]} px", file=sys.stderr)
         rep = render_image(bundle, view, out / name, queries=queries, classes=args.classes,
                            layers=args.layers,
                            detector=args.detector, head=args.head, patch=args.patch,
                            config=args.preset, baselines=baselines, formats=formats,
                            dpi=args.dpi, feature_map=args.feature_map,
-                           interactive=not args.no_html, templates_text=ttext)
+                           interactive=not args.no_html, templates_text=ttext,
+                           as_released=as_released, grid_view=grid_view)
         page = None
         if not args.no_html:
             page_path = write_plotly_page(

@@ -77,6 +77,20 @@ def _results(args: argparse.Namespace, seg: Any, bundle: Any, res: Any,
     }
 
 
+def _precision_line(args: argparse.Namespace, bundle: Any) -> str:
+    """What precision the evaluation runs in, and why."""
+    from sfp.models.loading import precision_of
+
+    prec = precision_of(bundle.model)
+    why = {"fp32": "full precision", "fp16": "fp16 weights, LayerNorm in fp32",
+           "bf16": "bf16 weights, LayerNorm in fp32"}.get(prec, prec)
+    line = f"sfp eval: {bundle.name} in {prec} on {bundle.device} ({why}"
+    if args.precision == "auto":
+        line += ("; the release's default on CUDA, --precision fp32 for full precision"
+                 if prec == "fp16" else "; the CPU default")
+    return line + ")"
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from sfp.seg.datasets import load_dataset
     from sfp.seg.distributed import init_distributed, rank_device
@@ -96,6 +110,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         preset = args.preset if args.method == "sfp" else None
         fingerprint = make_fingerprint(seg, dataset, limit=args.limit, preset=preset,
                                        seed=args.seed)
+        if ctx.is_main:
+            print(_precision_line(args, bundle), file=sys.stderr)
         t0 = time.perf_counter()
         try:
             res = evaluate(seg, dataset, limit=args.limit, state=EvalState(state_dir, fingerprint),
@@ -166,7 +182,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--state-dir", default=None, help="where to save progress "
                    "(default: <out>.state)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    common.add_model_arguments(e)
+    common.add_model_arguments(e, precision="auto")
     common.add_segmenter_arguments(e)
     e.set_defaults(func=_run_eval)
 

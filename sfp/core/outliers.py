@@ -12,7 +12,9 @@ boolean mask of the flagged patches):
   (class token attends to patch i more than i attends to itself);
 - :func:`l2`: the ``top_k`` patches with the largest L2 norm;
 - :func:`lof`: Local Outlier Factor, as SC-CLIP/SFP release it (``"sc-clip"``) or textbook;
-- :func:`norm_z`: robust (median/MAD) z-score of the patch norms.
+- :func:`norm_z`: robust (median/MAD) z-score of the patch norms;
+- :func:`dbscan`: density clustering (DBSCAN) of the patch tokens; noise points and the
+  members of small clusters are the outliers.
 
 Detectors compute half / bfloat16 inputs in float32 (fp16 norms tie often and squared
 distances overflow); float32 and float64 inputs are used as they are.
@@ -44,6 +46,7 @@ __all__ = [
     "MitigationReport",
     "OutlierResult",
     "available_detectors",
+    "dbscan",
     "detect",
     "get_detector",
     "l2",
@@ -362,6 +365,98 @@ def norm_z(hidden: Tensor, threshold: float = 3.5, *, has_cls: bool = True) -> O
     return OutlierResult(scores=z, mask=z > threshold)
 
 
+DbscanMetric = Literal["cosine", "euclidean"]
+DbscanFlag = Literal["noise", "small"]
+
+
+def _components(adj: Tensor) -> Tensor:
+    """Connected components of a symmetric (N, N) bool graph: (N,) long, each node labelled by
+    the smallest index in its component (min-label propagation until stable)."""
+    n = adj.shape[0]
+    lab = torch.arange(n, device=adj.device)
+    big = torch.full((n, n), n, device=adj.device, dtype=torch.long)
+    while True:
+        new = torch.minimum(lab, torch.where(adj, lab.expand(n, n), big).min(dim=1).values)
+        if torch.equal(new, lab):
+            return lab
+        lab = new
+
+
+def dbscan(
+    hidden: Tensor,
+    eps: float = 2.0,
+    min_samples: int = 4,
+    metric: DbscanMetric = "euclidean",
+    flag: DbscanFlag = "small",
+    max_cluster: float = 0.1,
+    *,
+    has_cls: bool = True,
+) -> OutlierResult:
+    """DBSCAN (Ester et al. 1996) on the patch tokens of one layer; outliers from its clusters.
+
+    hidden: (B, T, C) with the class token first, or (B, N, C) with ``has_cls=False``.
+    Per image: distances d(i, j) between patch tokens (``"euclidean"``; ``"cosine"``:
+    1 - cosine similarity); the radius is ``eps`` times the median over patches of the
+    distance to the ``min_samples``-th nearest token (itself included), so it adapts to the
+    layer's scale and ``eps > 1`` makes most tokens core points. Patch i is a core
+    point when at least ``min_samples`` tokens (itself included) lie within ``eps`` of it;
+    clusters are the connected components of core points within ``eps`` of each other; a
+    non-core point within ``eps`` of a core point joins the cluster of its nearest core point
+    (scikit-learn gives such a border point to the first core point that reaches it, so the two
+    can differ there); the rest are noise.
+
+    Flagged (``flag``): ``"noise"``: the noise points; ``"small"`` (default): the noise points
+    and every cluster of at most ``max_cluster * N`` tokens other than the largest cluster
+    (high-norm outlier tokens resemble each other and form such a small cluster). On the
+    planted model (:mod:`sfp.models.synthetic`) the defaults flag exactly the planted tokens
+    from the onset layer on and nothing before it; with ``"cosine"`` distances the bounded
+    range lets the radius join outliers to ordinary tokens at these defaults. Returns
+    scores (B, N) = 1 - (size of the token's cluster) / N (1 for noise) and mask (B, N).
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
+        raise ValueError(f"min_samples must be an int >= 1, got {min_samples!r}")
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    if flag not in ("noise", "small"):
+        raise ValueError(f"flag must be 'noise' or 'small', got {flag!r}")
+    if not 0.0 <= max_cluster <= 1.0:
+        raise ValueError(f"max_cluster must be in [0, 1], got {max_cluster!r}")
+    x = _compute_dtype(_patches(hidden, has_cls))
+    b, n, _ = x.shape
+    scores = torch.ones(b, n, dtype=x.dtype, device=x.device)
+    mask = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    for bi in range(b):
+        if metric == "cosine":
+            u = F.normalize(x[bi], dim=-1)
+            d = (1.0 - u @ u.T).clamp_min(0.0)
+        else:
+            d = torch.cdist(x[bi][None], x[bi][None])[0]
+        d = d.masked_fill(~off_diag, 0.0)
+        kth = min(min_samples, n) - 1  # the min_samples-th nearest token, itself included
+        scale = torch.sort(d, dim=1).values[:, kth].median()
+        near = d <= eps * scale if scale > 0 else d <= 0
+        core = near.sum(dim=1) >= min_samples
+        comp = _components(near & core[:, None] & core[None, :])
+        # border points: the cluster of the nearest core point within eps
+        dc = torch.where(near & core[None, :], d, torch.inf)
+        nearest = dc.argmin(dim=1)
+        reached = torch.isfinite(dc.min(dim=1).values)
+        label = torch.where(core, comp, torch.where(reached, comp[nearest], -1))
+        clustered = label >= 0
+        sizes = torch.bincount(label[clustered], minlength=n)
+        size_of = torch.where(clustered, sizes[label.clamp_min(0)], 0)
+        scores[bi] = 1.0 - size_of.to(x.dtype) / n
+        flagged = ~clustered
+        if flag == "small" and clustered.any():
+            largest = int(sizes.argmax())
+            flagged |= clustered & (size_of <= max_cluster * n) & (label != largest)
+        mask[bi] = flagged
+    return OutlierResult(scores=scores, mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Registry and dispatch
 # --------------------------------------------------------------------------------------------
@@ -467,6 +562,15 @@ register_detector(
     "norm_z", norm_z, needs="hidden", display="norm z-score",
     doc="robust (median/MAD) z-score of the patch-token norms above a threshold",
     ranges={"threshold": {"low": 0.0, "high": 20.0, "step": 0.1}},
+)
+register_detector(
+    "dbscan", dbscan, needs="hidden", display="DBSCAN",
+    doc="density clustering of the patch tokens: noise points and small clusters are outliers",
+    ranges={"eps": {"low": 0.1, "high": 6.0, "step": 0.1},
+            "min_samples": {"low": 1, "high": 30, "step": 1},
+            "metric": {"choices": ("cosine", "euclidean")},
+            "flag": {"choices": ("small", "noise")},
+            "max_cluster": {"low": 0.0, "high": 0.5, "step": 0.01}},
 )
 
 

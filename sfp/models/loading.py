@@ -38,7 +38,11 @@ DOWNLOAD_TIMEOUT_S = 25.0
 OPENAI_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
 OPENAI_STD = tuple(open_clip.OPENAI_DATASET_STD)
 
-_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Precision names and the dtype of the converted weights (see :func:`set_precision`).
+PRECISIONS: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+}
+_PRECISIONS = PRECISIONS
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
@@ -350,7 +354,8 @@ def load_model(
         name: open_clip model name (``open_clip.list_models()``), e.g. ``"ViT-B-16"``.
         pretrained: a pretrained tag, a local weights file, or ``None`` for random weights.
         device: ``"cpu"``, ``"cuda"``...; None picks CUDA when available.
-        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (:func:`set_precision`: low-precision
+            weights with float32 LayerNorms, as the release runs fp16).
         quick_gelu: activation of the MLPs. None decides: True for the ``"openai"`` tag (and
             any tag trained with QuickGELU) and for OpenAI TorchScript archives; for a plain
             state-dict file the model config's default is used and a warning names it.
@@ -387,7 +392,7 @@ def load_model(
         preprocess = open_clip.image_transform(
             model.visual.image_size, is_train=False, mean=mean, std=std
         )
-    model = model.to(device=dev, dtype=_PRECISIONS[precision]).eval()
+    model = set_precision(model.to(device=dev), precision).eval()
     return bundle_from_model(
         model, name=name, pretrained=label, preprocess=preprocess, quick_gelu=qg,
         mean=mean, std=std, provenance=provenance,
@@ -454,6 +459,68 @@ def bundle_from_model(
         quick_gelu=quick_gelu,
         provenance=provenance,
     )
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (input and weights), cast back to the input's dtype: the
+    LayerNorm of OpenAI's CLIP code, which the SFP release runs in fp16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b,
+                                        self.eps).to(x.dtype)
+
+
+def set_precision(model: nn.Module, precision: str) -> nn.Module:
+    """Put ``model`` (an open_clip CLIP, in place) in ``precision``; returns it.
+
+    ``"fp32"``: every parameter float32. ``"fp16"`` / ``"bf16"``: the convention of OpenAI's
+    ``clip.model.convert_weights``, which the SFP release runs on CUDA: the weights and biases
+    of convolutions and linear layers, the attention's in-projection and the ``proj`` /
+    ``text_projection`` matrices in the low-precision dtype; every LayerNorm keeps float32
+    weights and computes in float32, casting its output back (:class:`Fp32LayerNorm`);
+    class / positional embeddings stay float32 and are cast where they are added. Every
+    activation between these ops (and so every SFP step's input and output) is then in the
+    low-precision dtype.
+    """
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
+    if precision == "fp32":
+        return model.float()
+    dtype = PRECISIONS[precision]
+    model.float()
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.__class__ = Fp32LayerNorm
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+        if isinstance(m, nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                         "in_proj_bias", "bias_k", "bias_v"):
+                t = getattr(m, attr, None)
+                if t is not None:
+                    t.data = t.data.to(dtype)
+        for attr in ("proj", "text_projection"):
+            t = getattr(m, attr, None)
+            if isinstance(t, torch.Tensor):
+                t.data = t.data.to(dtype)
+    return model
+
+
+def precision_of(model: nn.Module) -> str:
+    """The name of ``model``'s precision (from its patch-embedding weights; another dtype,
+    e.g. float64, by its torch name)."""
+    dtype = model.visual.conv1.weight.dtype
+    return next((k for k, v in PRECISIONS.items() if v == dtype),
+                str(dtype).replace("torch.", ""))
+
+
+def default_precision(device: str | torch.device) -> str:
+    """The evaluation default: ``"fp16"`` on CUDA (as the release runs), else ``"fp32"``."""
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
 
 
 def default_pretrained() -> str:

@@ -4,10 +4,18 @@ A class is a list of synonyms. Class files hold one class per line with synonyms
 by ", " (the benchmark lists shipped in ``sfp/data``; voc21's first line is a background
 class with many stuff names). Every name becomes one text query: it is embedded with each
 prompt template, each embedding L2-normalised, averaged, and normalised again.
+
+Query embeddings are cached in memory per model and on disk (:func:`text_cache_dir`), keyed
+by a fingerprint of the text tower's weights (:func:`text_fingerprint`), the template texts
+and the name, so a second run with the same model and classes does not run the text
+encoder. ``$SFP_TEXT_CACHE`` moves the disk cache (a directory) or switches it off
+(``off``); ``cache=False`` (``--no-cache``) skips it for one call.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -204,6 +212,73 @@ def _encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: Environment variable: the text-query cache directory, or ``off`` to disable it.
+TEXT_CACHE_ENV = "SFP_TEXT_CACHE"
+
+
+def text_cache_dir() -> Path | None:
+    """Where query embeddings are cached: ``$SFP_TEXT_CACHE`` if set (``off``, ``0`` or an
+    empty value: no disk cache), else ``$XDG_CACHE_HOME/sfp/text`` (default
+    ``~/.cache/sfp/text``)."""
+    env = os.environ.get(TEXT_CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "no", "false") else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sfp" / "text"
+
+
+def text_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) of everything of ``model`` outside ``visual`` (the text tower: names,
+    dtypes, shapes and bytes of its parameters and buffers) and of its activation type.
+
+    Memoised per model and dtype of the text weights; a model whose weights are changed in
+    place afterwards keeps its old fingerprint.
+    """
+    items = [(k, v) for k, v in model.state_dict().items() if not k.startswith("visual.")]
+    dtypes = tuple(str(v.dtype) for _, v in items)
+    memo = _FINGERPRINTS.get(model)
+    if memo is not None and memo[0] == dtypes:
+        return memo[1]
+    h = hashlib.sha256()
+    acts = sorted({type(m).__name__ for m in model.modules() if "GELU" in type(m).__name__})
+    h.update(repr(acts).encode())
+    for k, v in items:
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}".encode())
+        t = v.detach().cpu().contiguous().reshape(-1)
+        if t.numel():
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+    out = h.hexdigest()
+    _FINGERPRINTS[model] = (dtypes, out)
+    return out
+
+
+def _cache_file(model: torch.nn.Module, tkey: tuple[str, ...], root: Path) -> Path:
+    tkey_hash = hashlib.sha256("\n".join(tkey).encode()).hexdigest()[:24]
+    return root / text_fingerprint(model)[:32] / f"{tkey_hash}.pt"
+
+
+def _read_cache(path: Path) -> dict[str, torch.Tensor]:
+    """The embeddings stored at ``path`` by name (empty when missing or unreadable)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(zip(data["names"], data["embeddings"], strict=True))
+    except Exception:  # noqa: BLE001 - a broken cache file is recomputed, never fatal
+        return {}
+
+
+def _write_cache(path: Path, tkey: tuple[str, ...], new: dict[str, torch.Tensor]) -> None:
+    """Merge ``new`` into the file at ``path`` (atomically; failures are ignored)."""
+    try:
+        merged = {**_read_cache(path), **new}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save({"templates": list(tkey), "names": list(merged),
+                    "embeddings": torch.stack(list(merged.values()))}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 @torch.inference_mode()
@@ -212,16 +287,27 @@ def embed_names(
     names: Sequence[str],
     templates: TemplateSpec = None,
     batch_size: int = 512,
+    cache: bool = True,
 ) -> torch.Tensor:
     """Template-averaged embedding per name: (len(names), D), float32, L2-normalised.
 
-    Results are cached per model and template set, so repeated calls are free.
+    Results are cached per model and template set in memory and, when ``cache`` and
+    :func:`text_cache_dir` allow, on disk (see the module docstring), so repeated calls
+    are free.
     """
     templates = resolve_templates(templates)
     tkey = tuple(t("{}") if callable(t) else str(t) for t in templates)
     fmt = [t if callable(t) else (lambda c, s=str(t): s.format(c)) for t in templates]
-    cache = _CACHE.setdefault(bundle.model, {})
-    todo = [n for n in dict.fromkeys(names) if (tkey, n) not in cache]
+    mem = _CACHE.setdefault(bundle.model, {})
+    todo = [n for n in dict.fromkeys(names) if (tkey, n) not in mem]
+    root = text_cache_dir() if cache else None
+    path = _cache_file(bundle.model, tkey, root) if (todo and root is not None) else None
+    if path is not None:
+        stored = _read_cache(path)
+        for n in todo:
+            if n in stored:
+                mem[(tkey, n)] = stored[n]
+        todo = [n for n in todo if n not in stored]
     if todo:
         device = next(bundle.model.parameters()).device
         prompts = [f(n) for n in todo for f in fmt]
@@ -232,8 +318,10 @@ def embed_names(
         per = torch.cat(chunks).view(len(todo), len(fmt), -1)
         mean = F.normalize(per.mean(dim=1), dim=-1).cpu()
         for n, e in zip(todo, mean, strict=True):
-            cache[(tkey, n)] = e
-    return torch.stack([cache[(tkey, n)] for n in names])
+            mem[(tkey, n)] = e
+        if path is not None:
+            _write_cache(path, tkey, dict(zip(todo, mean, strict=True)))
+    return torch.stack([mem[(tkey, n)] for n in names])
 
 
 def embed_queries(
@@ -242,6 +330,7 @@ def embed_queries(
     templates: TemplateSpec = None,
     *,
     allow_duplicates: bool = False,
+    cache: bool = True,
 ) -> Queries:
     """Embed every name of every class.
 
@@ -250,9 +339,10 @@ def embed_queries(
         classes: see :func:`parse_classes`.
         templates: a template set name (:data:`TEMPLATES`), callables ``name -> prompt`` or
             format strings with ``{}``; None = the 80 OpenAI ImageNet templates.
+        cache: use the disk cache (:func:`embed_names`).
     """
     parsed = parse_classes(classes, allow_duplicates)
     names = [n for syns in parsed for n in syns]
     q2c = torch.tensor([ci for ci, syns in enumerate(parsed) for _ in syns], dtype=torch.long)
-    emb = embed_names(bundle, names, templates)
+    emb = embed_names(bundle, names, templates, cache=cache)
     return Queries(emb, q2c, [syns[0] for syns in parsed], names)

@@ -11,17 +11,23 @@ everything sfp knows about one benchmark:
 - ``settings``: the released segmentation hyper-parameters (:class:`Settings`), used by
   :meth:`sfp.seg.pipeline.Segmenter.for_benchmark`, and the prompt template set.
 
-Sources of the settings: voc21 comes from the SFP release's own run log
-(``Kimsure/SFP SFP_ICCV/test/20251207_184940/20251207_184940.log``, the config dump of its VOC21
-run, 61.4 mIoU), identical to SC-CLIP's ``configs/cfg_voc21.py``; the other seven from
-``SuleBai/SC-CLIP configs/cfg_*.py`` (SFP's configs derive from SC-CLIP's). Every benchmark
-uses slide crop 224, stride 112 and ``Resize(scale=(2048, short_side))``; logit scale 40,
-probability threshold 0 and no area threshold unless a config sets them.
+Sources of the settings: the SFP release's ``Kimsure/SFP SFP_ICCV/configs/cfg_*.py`` (commit
+2804f5b; ``cfg_city_scapes.py`` for cityscapes). Every benchmark uses slide crop 224, stride 112
+and ``Resize(scale=(2048, short_side))``; logit scale 40, probability threshold 0 and no area
+threshold unless a config sets them. ADE20K's short side is 384 in the release's config (the
+paper's text says 336).
+
+Some settings depend on the method or the model (:meth:`Benchmark.settings_for`):
+
+- per model: the configs' commented "for ViT-L/14" values (voc21 ``prob_thd=0.2``,
+  coco_object ``prob_thd=0.25``), used when the model is a ViT-L/14;
+- per method: SC-CLIP's ``SuleBai/SC-CLIP configs/cfg_ade20k.py`` resizes ADE20K to short
+  side 336, so the method ``"sc-clip"`` uses 336 there.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -37,6 +43,7 @@ __all__ = [
     "class_list",
     "class_names",
     "get_benchmark",
+    "model_key",
 ]
 
 BACKGROUND = "background"
@@ -162,7 +169,7 @@ _LAYOUTS: dict[str, DatasetSpec] = {
         "coco_object",
         81,
         "_instanceTrainIds.png",
-        "0 = background, 1..80 things, 255 = ignore",
+        "0 = background (stuff and unlabeled), 1..80 things",
         "Derive the *_instanceTrainIds.png labels from COCO-Stuff164k's *_labelTrainIds.png "
         "with sfp.seg.datasets.prepare_coco_object(root) (sfp prepare coco-object).",
     ),
@@ -214,9 +221,30 @@ class Settings:
         return asdict(self)
 
 
+Changes = tuple[tuple[str, Any], ...]
+"""``((field of Settings, value), ...)``: what an override changes."""
+
+
+def model_key(name: str) -> str:
+    """An open_clip model name as the override tables key it: "/" -> "-", without a
+    ``-quickgelu`` suffix (``"ViT-L/14"``, ``"ViT-L-14-quickgelu"`` -> ``"ViT-L-14"``)."""
+    key = name.replace("/", "-")
+    return key[: -len("-quickgelu")] if key.endswith("-quickgelu") else key
+
+
+def _norm(name: str) -> str:
+    return name.replace("_", "-").lower()
+
+
 @dataclass(frozen=True)
 class Benchmark:
-    """One benchmark (see the module docstring)."""
+    """One benchmark (see the module docstring).
+
+    ``settings`` are the defaults; ``model_settings`` and ``method_settings`` hold
+    ``(key, changes)`` pairs applied on top of them by :meth:`settings_for` (model keys as
+    :func:`model_key` writes them, method keys as :func:`sfp.methods.encoders.make_encoder`
+    names them).
+    """
 
     name: str
     display: str
@@ -225,6 +253,20 @@ class Benchmark:
     settings: Settings
     templates: str = "openai80"
     source: str = ""
+    model_settings: tuple[tuple[str, Changes], ...] = ()
+    method_settings: tuple[tuple[str, Changes], ...] = ()
+
+    def settings_for(self, method: str | None = None, model: str | None = None) -> Settings:
+        """The settings for ``method`` (e.g. ``"sfp"``, ``"sc-clip"``) on ``model`` (an
+        open_clip name such as ``"ViT-L-14"``): the defaults, then the model's changes, then
+        the method's. None or an unlisted key changes nothing."""
+        out = self.settings
+        for table, key in ((self.model_settings, model and model_key(model)),
+                           (self.method_settings, method)):
+            for k, changes in table:
+                if key and _norm(k) == _norm(key):
+                    out = replace(out, **dict(changes))
+        return out
 
     @property
     def num_classes(self) -> int:
@@ -251,24 +293,30 @@ class Benchmark:
 #: The eight benchmarks by name (value: :class:`Benchmark`).
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
 
-_SC_CLIP = "SuleBai/SC-CLIP configs/cfg_{}.py"
-for _name, _display, _bg, _settings, _source in (
+_CFG = "Kimsure/SFP SFP_ICCV/configs/cfg_{}.py"
+_VIT_L = "ViT-L-14"
+for _name, _display, _bg, _settings, _cfg, _models, _methods in (
     ("voc21", "PASCAL VOC 2012 (21 classes)", True,
-     Settings(logit_scale=50.0, prob_thd=0.15, area_thd=0.1),
-     "Kimsure/SFP SFP_ICCV/test/20251207_184940/20251207_184940.log (= SC-CLIP cfg_voc21.py)"),
-    ("voc20", "PASCAL VOC 2012 (20 classes)", False, Settings(), _SC_CLIP.format("voc20")),
-    ("context60", "PASCAL Context (60 classes)", True, Settings(prob_thd=0.15),
-     _SC_CLIP.format("context60")),
-    ("context59", "PASCAL Context (59 classes)", False, Settings(), _SC_CLIP.format("context59")),
+     Settings(logit_scale=50.0, prob_thd=0.15, area_thd=0.1), "voc21",
+     ((_VIT_L, (("prob_thd", 0.2),)),), ()),
+    ("voc20", "PASCAL VOC 2012 (20 classes)", False, Settings(), "voc20", (), ()),
+    ("context60", "PASCAL Context (60 classes)", True, Settings(prob_thd=0.15), "context60",
+     (), ()),
+    ("context59", "PASCAL Context (59 classes)", False, Settings(), "context59", (), ()),
     ("coco_object", "COCO-Object", True, Settings(logit_scale=55.0, prob_thd=0.35),
-     _SC_CLIP.format("coco_object")),
-    ("coco_stuff164k", "COCO-Stuff 164k", False, Settings(), _SC_CLIP.format("coco_stuff164k")),
-    ("cityscapes", "Cityscapes", False, Settings(short_side=560), _SC_CLIP.format("city_scapes")),
-    ("ade20k", "ADE20K", False, Settings(), _SC_CLIP.format("ade20k")),
+     "coco_object", ((_VIT_L, (("prob_thd", 0.25),)),), ()),
+    ("coco_stuff164k", "COCO-Stuff 164k", False, Settings(), "coco_stuff164k", (), ()),
+    ("cityscapes", "Cityscapes", False, Settings(short_side=560), "city_scapes", (), ()),
+    ("ade20k", "ADE20K", False, Settings(short_side=384), "ade20k", (),
+     (("sc-clip", (("short_side", 336),)),)),
 ):
+    _source = _CFG.format(_cfg)
+    if _methods:
+        _source += " (sc-clip: SuleBai/SC-CLIP configs/cfg_ade20k.py)"
     BENCHMARKS.register(_name, Benchmark(_name, _display, _LAYOUTS[_name], _bg, _settings,
-                                         source=_source), display=_display)
-del _name, _display, _bg, _settings, _source
+                                         source=_source, model_settings=_models,
+                                         method_settings=_methods), display=_display)
+del _name, _display, _bg, _settings, _cfg, _models, _methods, _source
 
 
 def get_benchmark(name: str) -> Benchmark:

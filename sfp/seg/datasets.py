@@ -25,6 +25,8 @@ from sfp.core.errors import SFPError
 from sfp.seg.benchmarks import DatasetSpec, get_benchmark
 
 __all__ = [
+    "COCO_OBJECT_FORMAT",
+    "COCO_OBJECT_MARKER",
     "IGNORE_INDEX",
     "DatasetLayoutError",
     "Sample",
@@ -248,16 +250,35 @@ def load_dataset(name: str, root: str | os.PathLike[str], split: str = "val") ->
     return SegDataset(get_benchmark(name).layout, root, split)
 
 
+#: Version of the COCO-Object label rule; written to :data:`COCO_OBJECT_MARKER` in the output
+#: folder once every label there follows it. Version 2: unlabeled pixels (255) are background.
+COCO_OBJECT_FORMAT = 2
+COCO_OBJECT_MARKER = ".sfp-coco-object-format"
+
+
 def _coco_object_label(stuff: np.ndarray) -> np.ndarray:
     """COCO-Stuff164k train ids ``(H, W)`` -> COCO-Object labels ``(H, W) uint8``.
 
-    Things 0..79 -> 1..80, stuff 80..170 -> 0 (background), anything else -> 255.
+    Things (train ids 0..79, the raw COCO-Stuff ids 0..90) -> 1..80; everything else -> 0
+    (background): stuff (train ids 80..170, raw ids 91..181) and unlabeled (255). This is the
+    rule of the converter the SFP/SC-CLIP releases point to (``datasets/cvt_coco_object.py``:
+    raw ids <= 90 -> train id + 1, every raw id > 90, 255 included, -> 0); mmsegmentation's
+    ``*_labelTrainIds.png`` are the raw ids through the same train-id table (255 kept), so
+    reading them gives the same labels.
     """
-    out = np.full(stuff.shape, IGNORE_INDEX, dtype=np.uint8)
+    out = np.zeros(stuff.shape, dtype=np.uint8)
     thing = (stuff >= 0) & (stuff <= 79)
     out[thing] = (stuff[thing] + 1).astype(np.uint8)
-    out[(stuff >= 80) & (stuff <= 170)] = 0
     return out
+
+
+def _coco_object_format(dst_dir: Path) -> int | None:
+    """The label rule version recorded in ``dst_dir`` (None: no marker, i.e. the old rule that
+    kept 255 as ignore, or an unfinished run)."""
+    try:
+        return int((dst_dir / COCO_OBJECT_MARKER).read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def prepare_coco_object(
@@ -270,8 +291,12 @@ def prepare_coco_object(
 
     Reads ``stuff_root/annotations/{split}2017/{id}_labelTrainIds.png`` and writes
     ``(out_root or stuff_root)/annotations/{split}2017/{id}_instanceTrainIds.png`` (things
-    0..79 -> 1..80, stuff -> 0, 255 stays). Existing outputs are skipped; files are written
-    atomically. When ``out_root`` is given and lacks ``images/{split}2017``, a symlink to the
+    0..79 -> 1..80, stuff and unlabeled -> 0; see :func:`_coco_object_label`). Files are written
+    atomically; when every label is written, the folder gets the marker file
+    :data:`COCO_OBJECT_MARKER` holding :data:`COCO_OBJECT_FORMAT`. Existing outputs are skipped
+    only when the marker says they follow the current rule; otherwise (labels written by an
+    older sfp, which kept 255 as ignore, or an interrupted run) all are regenerated.
+    When ``out_root`` is given and lacks ``images/{split}2017``, a symlink to the
     source images is created (if the platform allows), so ``out_root`` loads as
     ``coco_object``.
 
@@ -311,10 +336,11 @@ def prepare_coco_object(
     obj_suffix = get_benchmark("coco_object").layout.seg_map_suffix
     written = 0
     total = len(sources)
+    current = _coco_object_format(dst_dir) == COCO_OBJECT_FORMAT
     for k, src in enumerate(sources, 1):
         ident = src.name[: -len(spec.seg_map_suffix)]
         dst = dst_dir / f"{ident}{obj_suffix}"
-        if not dst.exists():
+        if not (current and dst.exists()):
             label = _coco_object_label(_read_label(src))
             tmp = dst.with_name(dst.name + ".tmp")
             Image.fromarray(label).save(tmp, format="PNG")
@@ -327,4 +353,8 @@ def prepare_coco_object(
                 file=sys.stderr,
                 flush=True,
             )
+    if not current:
+        marker = dst_dir / COCO_OBJECT_MARKER
+        marker.with_name(marker.name + ".tmp").write_text(f"{COCO_OBJECT_FORMAT}\n")
+        os.replace(marker.with_name(marker.name + ".tmp"), marker)
     return written

@@ -364,8 +364,11 @@ def evaluate(
 
     from tqdm.auto import tqdm
 
+    from sfp.models.loading import precision_of
+
     bar = tqdm(
-        total=len(mine), initial=resumed, unit="img", desc=f"{dataset.benchmark}",
+        total=len(mine), initial=resumed, unit="img",
+        desc=f"{dataset.benchmark} {precision_of(segmenter.bundle.model)}",
         disable=not (progress and ctx.is_main), dynamic_ncols=True, mininterval=0.5,
     )
     if state is not None:

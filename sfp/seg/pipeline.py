@@ -527,6 +527,8 @@ class Segmenter:
             strings / callables.
         fwd_hooks: interventions applied in every window's forward (``[(hook name, fn)]``).
         queries: text queries already embedded for these classes (reused, not re-embedded).
+        text_cache: read and write the on-disk text-query cache
+            (:func:`sfp.models.text.text_cache_dir`); False embeds afresh.
 
     Defaults are :class:`sfp.seg.benchmarks.Settings`' (the released protocol). Text queries
     are embedded once, on first use, and kept.
@@ -549,6 +551,7 @@ class Segmenter:
         max_long_side: int | None = _DEFAULTS.max_long_side,
         fwd_hooks: Any = None,
         queries: Queries | None = None,
+        text_cache: bool = True,
     ) -> None:
         if crop < bundle.patch_size:
             raise ValueError(f"crop ({crop}) must be at least one patch ({bundle.patch_size}).")
@@ -578,6 +581,7 @@ class Segmenter:
         self.area_thd = None if area_thd is None else float(area_thd)
         self.batch_size = int(batch_size)
         self.templates = templates
+        self.text_cache = bool(text_cache)
         resolve_templates(templates)
         self.fwd_hooks = None if fwd_hooks is None else self.encoder.hooks(fwd_hooks)
         self._queries: Queries | None = None
@@ -596,10 +600,16 @@ class Segmenter:
         (:data:`sfp.seg.benchmarks.BENCHMARKS`).
 
         ``overrides`` replace any argument of :class:`Segmenter` (``method``, ``config``,
-        ``templates``, ``logit_scale``, ...); the classes are the benchmark's class list.
+        ``templates``, ``logit_scale``, ...); the classes are the benchmark's class list. The
+        settings are :meth:`~sfp.seg.benchmarks.Benchmark.settings_for` the method (default
+        ``"sfp"``) and ``bundle.name`` (e.g. ADE20K: short side 384, 336 for ``"sc-clip"``;
+        ViT-L/14 thresholds on voc21 and coco_object).
         """
         bench = get_benchmark(name)
-        kwargs: dict[str, Any] = {**bench.settings.as_kwargs(), "templates": bench.templates,
+        method = overrides.get("method", "sfp")
+        method_name = method if isinstance(method, str) else getattr(method, "name", None)
+        settings = bench.settings_for(method=method_name, model=bundle.name)
+        kwargs: dict[str, Any] = {**settings.as_kwargs(), "templates": bench.templates,
                                   **overrides}
         kwargs.setdefault("classes", bench.name)
         return cls(bundle, **kwargs)
@@ -620,7 +630,7 @@ class Segmenter:
         if self._queries is None:
             # class_list validated the names already (released lists may repeat one)
             self._queries = embed_queries(self.bundle, self.classes, self.templates,
-                                          allow_duplicates=True)
+                                          allow_duplicates=True, cache=self.text_cache)
             self._query_emb = self._queries.embeddings.to(self.bundle.device, torch.float32)
         return self._queries
 

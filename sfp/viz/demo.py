@@ -226,15 +226,17 @@ def _render_all(bundle: Any, out: Path, quick: bool, progress: bool
         "80 OpenAI ImageNet templates)",
     ]
     views = [image_view(bundle, src, crop=crop, name=name) for name, src, crop in sources]
+    # the outlier grid as released: the image squashed to a square
+    grid_views = [image_view(bundle, src, squash=True, name=name) for name, src, _ in sources]
     bar.update(1)
     reports = []
-    for view in views:
+    for view, grid_view in zip(views, grid_views, strict=True):
         bar.set_description(f"demo: {view.name}")
         reports.append(render_image(
             bundle, view, out / view.name, queries=queries, classes=DEMO_CLASSES,
             formats=("png",), dpi=100, interactive=not quick,
             templates_text=f" (voc21, template {DEMO_TEMPLATES[0]!r})",
-            step=lambda _name: bar.update(1),
+            step=lambda _name: bar.update(1), grid_view=grid_view,
         ))
     bar.set_description("demo: SOM detections")
     som = render_som_detections(bundle, views, out, formats=("png",), dpi=100,

@@ -2,7 +2,7 @@
 
 The released SFP notebook (``SFP_ICCV/outlier_vis.ipynb``) draws, for layers 1, 6, 8, 11 of
 ViT-B/16 (its 0-indexed 0, 5, 7, 10), seven rows; this module draws the same for any model,
-layers, detector, head and selected patch:
+layers and selected patch:
 
 1. the patch-to-patch attention matrix (N x N; outliers show as bright vertical bands: every
    query attends to the same few keys);
@@ -10,8 +10,20 @@ layers, detector, head and selected patch:
 3. the same over the image;
 4. the selected patch's attention to each patch (the star marks the patch);
 5. the same over the image;
-6. the detector's outlier mask;
+6. the outlier mask;
 7. the selected patch's attention with the flagged patches set to zero, over the image.
+
+Two variants, and every figure says which one it is:
+
+- **as released** (``as_released=True``, the default; what the notebook computes): the image
+  squashed to 224 x 224 without cropping (:func:`~sfp.viz.figures.views.image_view` with
+  ``squash=True``), the head mean of each layer's attention with the class token's
+  attention to the patches (row 0, columns 1..N) multiplied by 1.5 before anything is shown
+  (the release's forward scales it by ``res_cls * res_scale = 0.3 * 5`` per head before
+  returning it), the centre patch (105 of a 14 x 14 grid), and as outliers every patch with
+  ``1.5 A[cls, i] > A[i, i]``, no top-k;
+- **sfp variant** (``as_released=False``): unscaled attention of the head mean or one head,
+  the mask of any registered detector (default SOM with its top-k 10), any image crop.
 
 With ``layers=(2, 4, 6, 8, 10)`` rows 1, 4/5 and 2/3 are supplement Fig. 1 (a), (b)/(c), (d).
 
@@ -27,15 +39,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from sfp.viz.figures import style
 from sfp.viz.figures.views import default_layers, patch_index
 
-__all__ = ["OutlierGridData", "ROW_LABELS", "outlier_grid", "outlier_grid_data",
+__all__ = ["CLS_SCALE", "OutlierGridData", "ROW_LABELS", "outlier_grid", "outlier_grid_data",
            "outlier_grid_plotly"]
 
 PAPER_REF = "released notebook outlier_vis.ipynb; supplement Fig. 1"
+#: The factor the release applies to the class token's attention to the patches.
+CLS_SCALE = 1.5
+_RELEASED_DETECTOR = "1.5·A[cls,i] > A[i,i], no top-k"
 
 #: The seven rows, top to bottom.
 ROW_LABELS = (
@@ -70,6 +86,13 @@ class OutlierGridData:
     image: np.ndarray | None
     label: str
     is_synthetic: bool
+    as_released: bool = False
+
+    @property
+    def variant_text(self) -> str:
+        """Which variant the figure shows (see the module docstring)."""
+        return ("as released (outlier_vis.ipynb: class-token row × 1.5)" if self.as_released
+                else "sfp variant")
 
     @property
     def patch_rc(self) -> tuple[int, int]:
@@ -113,27 +136,44 @@ def outlier_grid_data(
     image: Any = None,
     *,
     layers: Sequence[int] | None = None,
-    detector: str = "som",
+    detector: str | None = None,
     head: str | int = "mean",
     patch: int | tuple[int, int] | None = None,
     index: int = 0,
     detector_params: Mapping[str, Any] | None = None,
+    as_released: bool = True,
 ) -> OutlierGridData:
     """Collect what :func:`outlier_grid` draws from a :class:`sfp.core.probe.Trace`.
 
     trace: recorded with attention (heads="all" for a single ``head``) and, for hidden-state
     detectors (l2, lof, norm_z), hidden states, at ``layers``. image: (H, W, 3) in [0, 1] (the
-    crop the trace was recorded on) or None. layers: default the notebook's 1, 6, 8, 11 scaled
-    to the depth. detector: any registered detector (its mask always comes from its own
-    definition, e.g. SOM on the head mean). patch: index, (row, col) or None = centre.
-    index: which image of the batch.
+    image the trace was recorded on; as released: squashed to 224 x 224) or None. layers:
+    default the notebook's 1, 6, 8, 11 scaled to the depth. patch: index, (row, col) or None =
+    centre. index: which image of the batch.
+
+    as_released (default): the notebook's computation (module docstring); ``detector``,
+    ``detector_params`` and a single ``head`` need ``as_released=False``. Otherwise:
+    detector: any registered detector (default "som"; its mask comes from its own definition,
+    e.g. SOM on the head mean), attention unscaled.
     """
+    if as_released and (detector is not None or detector_params or head != "mean"):
+        raise ValueError("the as-released outlier grid uses the head mean and the release's "
+                         "criterion; pass as_released=False to choose a detector, its "
+                         "parameters or a head.")
+    detector = detector or "som"
     layers = list(layers) if layers is not None else default_layers(trace.num_layers)
     grid = tuple(int(g) for g in trace.grid)
     params = dict(detector_params or {})
     attention, masks = {}, {}
     for layer in layers:
         att = trace.attention(layer)[index]  # (H, T, T)
+        if as_released:
+            a = att.float().mean(dim=0).clone()
+            a[0, 1:] *= CLS_SCALE
+            attention[layer] = style.to_numpy(a).astype(np.float32)
+            flagged = a[0, 1:] > torch.diagonal(a[1:, 1:])
+            masks[layer] = style.to_numpy(flagged).astype(bool).reshape(grid)
+            continue
         if head == "mean":
             a = att.float().mean(dim=0)
         else:
@@ -154,13 +194,14 @@ def outlier_grid_data(
         grid=grid,  # type: ignore[arg-type]
         patch=patch_index(patch, grid),  # type: ignore[arg-type]
         head=head,
-        detector=detector,
-        detector_params=params,
+        detector=_RELEASED_DETECTOR if as_released else detector,
+        detector_params={} if as_released else params,
         attention=attention,
         masks=masks,
         image=img,
         label=trace.label,
         is_synthetic=trace.is_synthetic,
+        as_released=as_released,
     )
 
 
@@ -176,7 +217,8 @@ def _title(d: OutlierGridData) -> str:
         label=d.label,
         is_synthetic=d.is_synthetic,
         layers="layers " + ", ".join(map(str, d.layers)),
-        detail=f"attention: {d.head_text} · outliers: {d.detector_text} (outlined in white) · "
+        detail=f"{d.variant_text} · attention: {d.head_text} · outliers: {d.detector_text} "
+        "(outlined in white) · "
         f"selected patch ★ #{p} (row {r}, col {c}) of a {d.grid[0]} x {d.grid[1]} grid",
     )
 

@@ -100,6 +100,8 @@ def render_image(
     interactive: bool = True,
     templates_text: str = "",
     step: Callable[[str], None] | None = None,
+    as_released: bool = True,
+    grid_view: ImageView | None = None,
 ) -> ImageReport:
     """Render the five families for ``view`` into ``out_dir`` (created).
 
@@ -110,6 +112,10 @@ def render_image(
     outlier grid's options. config: SFP configuration of the stage ablation (default
     official). formats/dpi: static files. feature_map: "norm" or "pca" (stage ablation and
     layer-wise maps). step(name) is called after each figure (progress bars).
+    as_released: the outlier grid as the released notebook draws it (head mean, release's
+    criterion; ``detector`` and ``head`` then apply to the other families only), drawn on
+    ``grid_view`` (the image squashed to 224 x 224: ``image_view(..., squash=True)``; None:
+    ``view``). False: the sfp variant on ``view`` with ``detector`` and ``head``.
     """
     from sfp.core.outliers import available_detectors, layer_statistics
     from sfp.core.probe import record
@@ -123,7 +129,12 @@ def render_image(
     rep.stats = layer_statistics(rep.trace, rep.trace.layers, detectors)
     tick("trace")
     r = _Renderer(rep, out, formats, dpi, interactive, tick)
-    r.outlier_grid(layers, detector, head, patch)
+    if as_released:
+        gv = grid_view or view
+        trace = rep.trace if gv is view else record(bundle, gv.pixels)
+        r.outlier_grid(layers, None, "mean", patch, trace=trace, image=gv.rgb)
+    else:
+        r.outlier_grid(layers, detector, head, patch)
     r.propagation(detector)
     r.agreement()
     r.ablation(bundle, classes, config, baselines, queries, feature_map, templates_text)
@@ -151,12 +162,21 @@ class _Renderer:
     def _plotly(self, builder: Callable[..., Any], data: Any) -> Any:
         return builder(data) if self.interactive else None
 
-    def outlier_grid(self, layers: Any, detector: str, head: Any, patch: Any) -> None:
-        og = outlier_grid_data(self.rep.trace, self.rep.view.rgb, layers=layers,
-                               detector=detector, head=head, patch=patch)
+    def outlier_grid(self, layers: Any, detector: str | None, head: Any, patch: Any,
+                     trace: Any = None, image: Any = None) -> None:
+        released = detector is None
+        og = outlier_grid_data(trace if released else self.rep.trace,
+                               image if released else self.rep.view.rgb, layers=layers,
+                               detector=detector, head=head, patch=patch,
+                               as_released=released)
         counts = ", ".join(f"layer {lay}: {int(og.masks[lay].sum())}" for lay in og.layers)
+        variant = ("As released (outlier_vis.ipynb): the image squashed to a square, the "
+                   "head-mean attention with the class token's row scaled by 1.5, every patch "
+                   "with 1.5 A[cls, i] > A[i, i] flagged (no top-k). " if released else
+                   "sfp variant (unscaled attention, the chosen detector). ")
         self.add("outlier_grid", outlier_grid(og),
-                 f"Columns are layers {_fmt_layers(og.layers)}. Top row: the patch-to-patch "
+                 variant + f"Columns are layers {_fmt_layers(og.layers)}. Top row: the "
+                 "patch-to-patch "
                  "attention; bright vertical bands are keys that every patch attends to — the "
                  "outliers. Rows 2–5: the class token and the selected patch ★ put their "
                  "attention on those same few patches (white boxes: flagged by "

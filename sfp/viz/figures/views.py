@@ -59,12 +59,19 @@ def image_view(
     size: int | None = 224,
     crop: bool = True,
     name: str | None = None,
+    squash: bool = False,
 ) -> ImageView:
     """Load ``src`` (path, PIL, array, tensor), resize its short side to ``size`` and, with
     ``crop``, take the central ``size x size`` crop (``crop=False`` keeps the aspect ratio: a
-    non-square patch grid). Returns an :class:`ImageView`."""
+    non-square patch grid). ``squash``: resize to ``size x size`` ignoring the aspect ratio,
+    no crop (the released notebook's ``Resize((224, 224))``; bilinear, antialiased).
+    Returns an :class:`ImageView`."""
     img = io.load_image(src)
-    if size is not None:
+    if size is not None and squash:
+        img = torch.nn.functional.interpolate(img[None], size=(size, size), mode="bilinear",
+                                              align_corners=False, antialias=True)[0]
+        img = img.clamp(0, 1)
+    elif size is not None:
         img = io.resize_short_side(img, size)
         if crop:
             img = io.center_crop(img, size)
