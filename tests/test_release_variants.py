@@ -333,15 +333,26 @@ def _segmenter_args(**kw) -> argparse.Namespace:
     return p.parse_args([x for k, v in kw.items() for x in (f"--{k}", v)])
 
 
-def test_eval_preset_release_uses_sfp15_by_default() -> None:
-    out = common.segmenter_overrides(_segmenter_args(preset="release-2025-12"))
-    assert (out["config"], out["templates"]) == ("release-2025-12", "sfp15")
+def test_preset_templates_default_in_segmenter_and_cli(vit_s16) -> None:
+    """release-2025-12 was released with sfp15: the Segmenter (direct or for a benchmark) uses
+    it unless templates are given; presets without their own set keep the default."""
+    from sfp.seg.pipeline import Segmenter
+
+    assert Segmenter(vit_s16, ["cat", "dog"], config="release-2025-12").templates == "sfp15"
+    assert Segmenter(vit_s16, ["cat"], config=SFPConfig.preset("release-2025-12",
+                                                                 res_cls=0.2)).templates == "sfp15"
+    assert Segmenter(vit_s16, ["cat"], config="release-2025-12",
+                     templates="openai80").templates == "openai80"
+    assert Segmenter(vit_s16, ["cat"], config="official").templates is None
+    assert Segmenter(vit_s16, ["cat"], method="sc-clip").templates is None
+    seg = Segmenter.for_benchmark(vit_s16, "voc21", config="release-2025-12")
+    assert seg.templates == "sfp15"
+    assert Segmenter.for_benchmark(vit_s16, "voc21").templates == "openai80"
     out = common.segmenter_overrides(_segmenter_args(preset="release-2025-12",
                                                      templates="openai80"))
     assert out["templates"] == "openai80"
-    assert "templates" not in common.segmenter_overrides(_segmenter_args(preset="official"))
-    out = common.segmenter_overrides(_segmenter_args(method="sc-clip"))
-    assert out["method"] == "sc-clip" and "templates" not in out
+    out = common.segmenter_overrides(_segmenter_args(preset="release-2025-12"))
+    assert out["config"] == "release-2025-12" and "templates" not in out
 
 
 # --------------------------------------------------------------------------------------------

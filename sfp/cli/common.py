@@ -15,7 +15,6 @@ __all__ = [
     "add_model_arguments",
     "add_segmenter_arguments",
     "load_bundle_from_args",
-    "preset_default_templates",
     "resolve_precision",
     "segmenter_overrides",
 ]
@@ -118,16 +117,4 @@ def segmenter_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out["text_cache"] = not getattr(args, "no_cache", False)
     out["method"] = args.method
     out["config"] = args.preset if args.method == "sfp" else None
-    if "templates" not in out and out["config"] is not None:
-        preset_templates = preset_default_templates(out["config"])
-        if preset_templates is not None:
-            out["templates"] = preset_templates
     return out
-
-
-def preset_default_templates(preset: str) -> str | None:
-    """The template set an SFP preset's registry entry names (``templates=...``), or None
-    (the benchmark's)."""
-    from sfp.methods.config import PRESETS
-
-    return PRESETS.get(preset).meta.get("templates")

@@ -58,6 +58,7 @@ __all__ = [
     "ResolvedConfig",
     "SFPConfig",
     "derive_layer",
+    "preset_templates",
 ]
 
 #: Every named SFP preset (value: ``builder(**overrides) -> SFPConfig``); filled below.
@@ -620,3 +621,15 @@ PRESETS.register(
     "paper", _paper, display="SFP (paper)",
     doc="the paper's equations 4-11: SOM at every block, SAE eq. 6-7, HAI eq. 8-11",
 )
+
+
+def preset_templates(config: Any) -> str | None:
+    """The prompt template set an SFP preset was released with (its registry entry's
+    ``templates``, e.g. ``"sfp15"`` for ``"release-2025-12"``), or None when it names none.
+
+    config: a preset name, an :class:`SFPConfig` (its ``preset_name``) or None.
+    """
+    name = config if isinstance(config, str) else getattr(config, "preset_name", None)
+    if not isinstance(name, str) or name not in PRESETS:
+        return None
+    return PRESETS.get(name).meta.get("templates")

@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sfp.core import forward
 from sfp.core.io import ImageSource, load_image, normalize
 from sfp.methods.base import Encoder
+from sfp.methods.config import preset_templates
 from sfp.methods.encoders import make_encoder
 from sfp.models.loading import ModelBundle
 from sfp.models.text import (
@@ -522,9 +523,10 @@ class Segmenter:
         crop, stride: sliding windows (:func:`slide_windows`).
         logit_scale, prob_thd, area_thd: post-processing (:func:`postprocess`).
         batch_size: windows per encoder call (results do not depend on it).
-        templates: prompt templates: a set of :data:`sfp.models.text.TEMPLATES` (``"openai80"``
-            = None, the 80 OpenAI ImageNet templates; ``"simple"``), or a list of format
-            strings / callables.
+        templates: prompt templates: a set of :data:`sfp.models.text.TEMPLATES` (``"openai80"``,
+            the 80 OpenAI ImageNet templates; ``"sfp15"``; ``"simple"``), or a list of format
+            strings / callables. None: the SFP preset's own set where it was released with
+            one (``"release-2025-12"``: ``"sfp15"``), else ``"openai80"``.
         fwd_hooks: interventions applied in every window's forward (``[(hook name, fn)]``).
         queries: text queries already embedded for these classes (reused, not re-embedded).
         text_cache: read and write the on-disk text-query cache
@@ -572,6 +574,8 @@ class Segmenter:
         else:
             self.encoder = make_encoder(bundle, method, config)
         self.method = getattr(self.encoder, "name", str(method))
+        if templates is None:  # a preset released with its own templates uses them
+            templates = preset_templates(self.encoder.config)
         self.short_side = short_side
         self.max_long_side = max_long_side
         self.crop = int(crop)
@@ -609,8 +613,8 @@ class Segmenter:
         method = overrides.get("method", "sfp")
         method_name = method if isinstance(method, str) else getattr(method, "name", None)
         settings = bench.settings_for(method=method_name, model=bundle.name)
-        kwargs: dict[str, Any] = {**settings.as_kwargs(), "templates": bench.templates,
-                                  **overrides}
+        templates = preset_templates(overrides.get("config")) or bench.templates
+        kwargs: dict[str, Any] = {**settings.as_kwargs(), "templates": templates, **overrides}
         kwargs.setdefault("classes", bench.name)
         return cls(bundle, **kwargs)
 
