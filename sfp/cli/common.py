@@ -7,6 +7,7 @@ registries, so ``--help`` always lists what is registered.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ __all__ = [
     "add_model_arguments",
     "add_segmenter_arguments",
     "load_bundle_from_args",
+    "say_caveat",
     "segmenter_overrides",
 ]
 
@@ -61,6 +63,15 @@ def load_bundle_from_args(args: argparse.Namespace) -> Any:
     if bundle.dtype != dtype:
         bundle.model.to(dtype)
     return bundle
+
+
+def say_caveat(command: str, bundle: Any) -> None:
+    """Say once, on stderr, that the model's weights are random or synthetic (and that every
+    image written carries a banner saying so); nothing for real weights."""
+    if bundle.caveat:
+        name = bundle.label.replace(f" / {bundle.caveat}", "")
+        print(f"sfp {command}: note: {name} — {bundle.caveat}, not a pretrained CLIP; every "
+              "image written carries a banner saying so.", file=sys.stderr)
 
 
 def add_segmenter_arguments(p: argparse.ArgumentParser) -> None:

@@ -163,6 +163,7 @@ def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
     if bundle is None:
         bundle = common.load_bundle_from_args(args)
     print(f"sfp figures: model {bundle.label}", file=sys.stderr)
+    common.say_caveat("figures", bundle)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     templates = resolve_templates(args.templates)

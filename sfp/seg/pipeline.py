@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from sfp.core import forward
-from sfp.core.io import ImageSource, load_image, normalize
+from sfp.core.io import ImageSource, image_tag, load_image, normalize, save_png
 from sfp.methods.base import Encoder
 from sfp.methods.encoders import make_encoder
 from sfp.models.loading import ModelBundle
@@ -338,6 +338,8 @@ class Segmentation:
         class_names: C display names (the first synonym of each class).
         image: (H, W, 3) uint8 RGB of the input, for :meth:`overlay` (None if not kept).
         params: the post-processing values used (logit_scale, prob_thd, area_thd).
+        model: what written images say about the model (:func:`sfp.core.io.image_tag`:
+            label, provenance, caveat); empty when unknown.
     """
 
     labels: torch.Tensor
@@ -345,6 +347,7 @@ class Segmentation:
     class_names: list[str]
     image: np.ndarray | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -723,7 +726,7 @@ class Segmenter:
         labels, probs, params = self._post(scores, logit_scale, prob_thd, area_thd)
         return Segmentation(labels=labels.cpu(), probs=probs.cpu(),
                             class_names=list(scores.class_names), image=scores.image,
-                            params=params)
+                            params=params, model=image_tag(self.bundle))
 
     def segment_window(self, features: torch.Tensor, grid: tuple[int, int],
                        image: np.ndarray | None = None) -> Segmentation:
@@ -768,11 +771,16 @@ class Segmenter:
 def save_segmentation(seg: Segmentation, out_dir: str | os.PathLike[str], stem: str,
                       alpha: float = 0.5) -> tuple[Path, Path]:
     """Write ``{stem}_labels.png`` (palette PNG of class indices) and ``{stem}_overlay.png``
-    into ``out_dir``; returns both paths."""
+    into ``out_dir``; returns both paths.
+
+    Both carry the model's PNG text chunks (:func:`sfp.core.io.save_png`); for random or
+    synthetic weights the overlay also gets a banner above the picture (the label map's
+    pixels stay class indices).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lab_path = out / f"{stem}_labels.png"
     ov_path = out / f"{stem}_overlay.png"
-    seg.label_image().save(lab_path, format="PNG")
-    Image.fromarray(seg.overlay(alpha)).save(ov_path, format="PNG")
+    save_png(seg.label_image(), lab_path, seg.model or None, banner=False)
+    save_png(seg.overlay(alpha), ov_path, seg.model or None)
     return lab_path, ov_path

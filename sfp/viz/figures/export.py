@@ -8,6 +8,7 @@ lists any script, style sheet or image a page would fetch from the web (there mu
 from __future__ import annotations
 
 import html
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from PIL import Image
 
+from sfp.core.io import image_tag, save_png
 from sfp.viz.figures.style import figure_style
 
 __all__ = [
@@ -65,12 +68,16 @@ def save_figure(
     stem: str | Path,
     formats: Sequence[str] = ("png", "svg"),
     dpi: int = 150,
+    source: Any = None,
 ) -> list[Path]:
     """Save ``fig`` as ``stem.png``, ``stem.svg``, ... (folders created); returns the paths.
 
-    PNGs are written at ``dpi``; SVGs keep text as text (editable, searchable; the fonts
-    are named, DejaVu Sans first). The figure is not closed (it is not
-    registered with pyplot, so it is freed when no longer referenced).
+    PNGs are written at ``dpi`` through :func:`sfp.core.io.save_png`: they carry the model's
+    text chunks and, for random or synthetic weights, a banner above the figure. source: the
+    bundle or trace the figure shows (None: unknown). SVGs keep text as text (editable,
+    searchable; the fonts are named, DejaVu Sans first) and name the model and its caveat in
+    their description. The figure is not closed (it is not registered with pyplot, so it is
+    freed when no longer referenced).
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +88,17 @@ def save_figure(
             raise ValueError(f"unsupported figure format {fmt!r}; use png, svg or pdf")
         path = stem.with_suffix(f".{fmt}")
         with figure_style():  # rcParams read at save time (svg.fonttype: text stays text)
-            fig.savefig(path, dpi=dpi if fmt == "png" else None, format=fmt,
-                        metadata={"Software": "sfp"} if fmt == "png" else None)
+            if fmt == "png":
+                buf = io.BytesIO()
+                fig.savefig(buf, dpi=dpi, format="png")
+                buf.seek(0)
+                with Image.open(buf) as im:
+                    save_png(im.convert("RGBA"), path, source)
+            else:
+                tag = image_tag(source)
+                desc = "; ".join(f"{k}: {v}" for k, v in tag.items() if k != "Software")
+                meta = {"Description": desc} if desc and fmt == "svg" else None
+                fig.savefig(path, format=fmt, metadata=meta)
         paths.append(path)
     return paths
 

@@ -143,7 +143,8 @@ class _Renderer:
     tick: Callable[[str], None]
 
     def add(self, key: str, fig: Any, text: str, plotly_fig: Any) -> None:
-        files = save_figure(fig, self.out / key, formats=self.formats, dpi=self.dpi)
+        files = save_figure(fig, self.out / key, formats=self.formats, dpi=self.dpi,
+                            source=self.rep.trace)
         self.rep.figures.append(FigureResult(key, FAMILIES[key][0] + f" ({FAMILIES[key][1]})",
                                              text, files, plotly_fig))
         self.tick(key)
@@ -248,7 +249,7 @@ def render_som_detections(
     ``traces`` are not used)."""
     d = data if data is not None else lw_mod.som_detections_data(bundle, views, traces=traces)
     files = save_figure(lw_mod.som_detections(d), Path(out_dir) / "som_detections",
-                        formats=formats, dpi=dpi)
+                        formats=formats, dpi=dpi, source=bundle)
     counts = ", ".join(f"{n}: {int(m.sum())}" for n, m in zip(d.names, d.masks, strict=True))
     text = (f"SOM's criterion (paper eq. 4: class-token attention above self-attention, no "
             f"top-k) at layer {d.layer}, on each image. It adapts the number of outliers to "

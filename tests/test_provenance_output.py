@@ -1,0 +1,106 @@
+"""What a person sees about the model: PNG banners and text chunks, load messages, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sfp.core.io import BANNER_FILL, save_png
+from sfp.models.synthetic import SYNTHETIC_LABEL
+from sfp.seg.pipeline import Segmenter, save_segmentation
+
+SIMPLE = ["a photo of a {}."]
+
+
+def _as(bundle, provenance: str, pretrained: str):
+    """The same weights under another provenance (what the PNG writer reads)."""
+    return dataclasses.replace(bundle, provenance=provenance, pretrained=pretrained)
+
+
+def _banner_rows(arr: np.ndarray) -> int:
+    """Number of leading rows whose pixels are mostly the banner colour."""
+    fill = np.array(BANNER_FILL)
+    rows = 0
+    for row in arr[..., :3]:
+        if (np.abs(row.astype(int) - fill).sum(-1) == 0).mean() < 0.5:
+            break
+        rows += 1
+    return rows
+
+
+@pytest.mark.parametrize("provenance,pretrained,caveat", [
+    ("synthetic", SYNTHETIC_LABEL, "synthetic (planted outliers)"),
+    ("random", "random", "random weights (results mean nothing)"),
+])
+def test_segment_pngs_of_synthetic_and_random_models_carry_banner_and_chunks(
+        tiny_vit, tmp_path, provenance, pretrained, caveat) -> None:
+    bundle = _as(tiny_vit, provenance, pretrained)
+    seg = Segmenter(bundle, ["cat", "dog"], method="clip", templates=SIMPLE)
+    img = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    result = seg.predict(img)
+    lab, ov = save_segmentation(result, tmp_path, "x")
+    plain = result.overlay(0.5)
+    with Image.open(ov) as im:
+        arr = np.asarray(im.convert("RGB"))
+        info = dict(im.text)
+    strip = arr.shape[0] - plain.shape[0]
+    assert strip > 10 and arr.shape[1] == plain.shape[1]
+    assert _banner_rows(arr) >= 3  # yellow rows at the top ...
+    text_pixels = (arr[:strip].astype(int).sum(-1) < 100).sum()
+    assert text_pixels > 20  # ... with dark text in them
+    assert np.array_equal(arr[strip:], plain)  # the picture itself is untouched
+    assert info["sfp:provenance"] == provenance
+    assert info["sfp:caveat"] == caveat
+    assert info["sfp:model"] == f"{tiny_vit.name} / {pretrained}"
+    with Image.open(lab) as im:  # label maps keep class indices as pixels: chunks only
+        assert np.array_equal(np.asarray(im), result.labels.numpy())
+        assert im.text["sfp:caveat"] == caveat
+
+
+def test_segment_pngs_of_a_file_model_have_no_banner(tiny_vit, tmp_path) -> None:
+    bundle = _as(tiny_vit, "file", "/weights/tiny.pt")
+    seg = Segmenter(bundle, ["cat", "dog"], method="clip", templates=SIMPLE)
+    img = np.random.default_rng(1).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    result = seg.predict(img)
+    _, ov = save_segmentation(result, tmp_path, "x")
+    with Image.open(ov) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), result.overlay(0.5))
+        assert "sfp:caveat" not in im.text
+        assert im.text["sfp:provenance"] == "file"
+        assert im.text["sfp:model"] == f"{tiny_vit.name} / /weights/tiny.pt"
+
+
+def test_save_figure_png_banner_follows_the_trace(tiny_vit, tmp_path) -> None:
+    from sfp.core.probe import record
+    from sfp.viz.figures import save_figure
+    from sfp.viz.figures.style import new_figure
+
+    def fig():
+        f = new_figure(3, 2)
+        f.add_subplot().imshow(np.zeros((4, 4)), cmap="gray")
+        return f
+
+    x = np.zeros((1, 3, 64, 64), np.float32)
+
+    for provenance, pretrained, banner in [("synthetic", SYNTHETIC_LABEL, True),
+                                           ("file", "/w.pt", False)]:
+        trace = record(_as(tiny_vit, provenance, pretrained), torch.from_numpy(x))
+        png, svg = save_figure(fig(), tmp_path / provenance, formats=("png", "svg"), dpi=50,
+                               source=trace)
+        with Image.open(png) as im:
+            arr = np.asarray(im.convert("RGB"))
+            assert (_banner_rows(arr) >= 3) is banner
+            assert (arr.shape[0] > 100) is banner and arr.shape[1] == 150  # 3 x 2 in at 50 dpi
+            assert im.text["sfp:provenance"] == provenance
+            assert ("sfp:caveat" in im.text) is banner
+        assert (SYNTHETIC_LABEL in svg.read_text()) is banner
+
+
+def test_save_png_without_source_writes_only_the_software_chunk(tmp_path) -> None:
+    p = save_png(np.zeros((20, 30, 3), np.uint8), tmp_path / "a.png")
+    with Image.open(p) as im:
+        assert im.size == (30, 20) and im.text == {"Software": "sfp"}
