@@ -104,3 +104,50 @@ def test_save_png_without_source_writes_only_the_software_chunk(tmp_path) -> Non
     p = save_png(np.zeros((20, 30, 3), np.uint8), tmp_path / "a.png")
     with Image.open(p) as im:
         assert im.size == (30, 20) and im.text == {"Software": "sfp"}
+
+
+# --------------------------------------------------------------------------- loading a file
+@pytest.fixture(scope="module")
+def vit_s16_file(tmp_path_factory):
+    """A random ViT-S-16 (width 384, 12 blocks, 16 px patches, 224 px, output 384) on disk."""
+    import open_clip
+
+    torch.manual_seed(3)
+    model = open_clip.create_model("ViT-S-16").eval()
+    path = tmp_path_factory.mktemp("w") / "vits16.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_file_load_prints_one_line_and_not_open_clips_random_notice(vit_s16_file, capfd,
+                                                                     caplog) -> None:
+    import logging
+
+    from sfp.models.loading import load_model
+
+    with caplog.at_level(logging.INFO):
+        b = load_model("ViT-S-16", pretrained=vit_s16_file, device="cpu", quick_gelu=True)
+    out = capfd.readouterr()
+    everything = out.out + out.err + " ".join(r.getMessage() for r in caplog.records)
+    assert "initialized randomly" not in everything
+    assert "No pretrained weights" not in everything
+    lines = [ln for ln in out.err.splitlines() if ln.startswith("sfp: loaded")]
+    assert len(lines) == 1
+    assert "ViT-S-16" in lines[0] and str(vit_s16_file.resolve()) in lines[0]
+    assert "QuickGELU" in lines[0] and "not QuickGELU" not in lines[0]
+    assert b.provenance == "file" and b.caveat is None
+    load_model("ViT-S-16", pretrained=vit_s16_file, device="cpu", quick_gelu=False)
+    assert "GELU (not QuickGELU)" in capfd.readouterr().err
+    load_model("ViT-S-16", pretrained=vit_s16_file, device="cpu", quick_gelu=False, quiet=True)
+    assert "sfp: loaded" not in capfd.readouterr().err
+
+
+def test_wrong_architecture_error_names_what_the_file_holds(vit_s16_file) -> None:
+    from sfp.models.loading import ModelLoadError, load_model
+
+    with pytest.raises(ModelLoadError) as err:
+        load_model("ViT-B-16", pretrained=vit_s16_file, device="cpu", quick_gelu=False)
+    msg = str(err.value)
+    assert "width 384, 12 blocks, 16 px patches, 224 px input, output dim 384" in msg
+    assert "open_clip name: ViT-S-16" in msg
+    assert "ViT-B-16 " not in msg.split("The file holds")[1]
