@@ -226,7 +226,10 @@ def test_propagation(case):
         assert d.max_cls_attention[onset] > 10 * d.uniform_attention
 
     figp = propagation_plotly(d)
-    assert len(figp.data) == 2 + 2 + 4 + 1
+    # l2 has no criterion (every patch passes), lof / norm_z keep every candidate: only a
+    # top-k detector that dropped candidates (SOM) gets a dotted "passed" line.
+    assert set(d.cut_detectors()) <= {"som"}
+    assert len(figp.data) == 2 + 2 + 4 + len(d.cut_detectors()) + 1
 
     fig = norm_maps(d, detector="som")
     n_panels = int(np.ceil(n_l / min(6, n_l))) * min(6, n_l)

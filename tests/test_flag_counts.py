@@ -87,3 +87,41 @@ def test_som_counts_against_the_planted_truth(planted_s16) -> None:
             assert fc.passed > 100 and fc.kept == 10 and hits == 0
         else:
             assert fc.passed == fc.kept == hits == n_planted
+
+
+def _passed_by_hand(trace, layer: int, cls_scale: float) -> int:
+    a = trace.attention(layer)[0].double().mean(0)  # (T, T) head mean
+    return int((cls_scale * a[0, 1:] > torch.diagonal(a)[1:]).sum())
+
+
+def test_outlier_grid_shows_candidates_kept_and_none(planted_s16) -> None:
+    from sfp.viz.figures import outlier_grid, outlier_grid_data
+
+    trace, _, onset = planted_s16
+    d = outlier_grid_data(trace, layers=[onset, onset + 1])
+    n = _passed_by_hand(trace, onset, 1.5)
+    assert n > 10
+    assert d.flag_text(onset) == f"10 kept / {n} pass"
+    assert d.flag_text(onset + 1) == "10 pass, all kept"
+    fig = outlier_grid(d)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert f"flagged (yellow): 10 kept / {n} pass" in titles
+    none = outlier_grid_data(trace, layers=[2], detector_params={"cls_scale": 0.05})
+    assert _passed_by_hand(trace, 2, 0.05) == 0
+    assert none.flag_text(2) == "no outlier above the criterion"
+    texts = [t.get_text() for ax in outlier_grid(none).axes for t in ax.texts]
+    assert "no outlier above\nthe criterion" in texts
+
+
+def test_explorer_status_says_candidates_and_none(planted_s16) -> None:
+    from sfp.viz.widgets import OutlierExplorer
+
+    trace, _, onset = planted_s16
+    ex = OutlierExplorer(trace, layer=onset)
+    n = _passed_by_hand(trace, onset, 1.5)
+    assert f"10 kept of {n} above the criterion (top-k)" in ex.status.value
+    assert "one layer after the norms" in ex.status.value
+    ex.param_sliders["cls_scale"].value = 0.1
+    assert _passed_by_hand(trace, onset, 0.1) == 0
+    assert "no outlier above the criterion" in ex.status.value
+    assert "no outlier above the criterion" in ex.figure.layout.title.text

@@ -155,15 +155,19 @@ class _Renderer:
     def outlier_grid(self, layers: Any, detector: str, head: Any, patch: Any) -> None:
         og = outlier_grid_data(self.rep.trace, self.rep.view.rgb, layers=layers,
                                detector=detector, head=head, patch=patch)
-        counts = ", ".join(f"layer {lay}: {int(og.masks[lay].sum())}" for lay in og.layers)
+        counts = "; ".join(f"layer {lay}: {og.flag_text(lay, short=False)}"
+                           for lay in og.layers)
         self.add("outlier_grid", outlier_grid(og),
                  f"Columns are layers {_fmt_layers(og.layers)}. Top row: the patch-to-patch "
                  "attention; bright vertical bands are keys that every patch attends to — the "
                  "outliers. Rows 2–5: the class token and the selected patch ★ put their "
                  "attention on those same few patches (white boxes: flagged by "
-                 f"{og.detector_text}; {counts}). Bottom row: the selected patch's attention "
-                 "with the flagged patches removed — what is left is its attention to its "
-                 "neighbourhood and to related regions.",
+                 f"{og.detector_text}; {counts}). A top-k detector always keeps up to k "
+                 "patches: where many pass its criterion, the kept ones need not be outliers. "
+                 "Layer l's attention is computed from the output of block l - 1, so it "
+                 "reacts one layer after the norms (output of block l) jump. Bottom row: the "
+                 "selected patch's attention with the flagged patches removed — what is left "
+                 "is its attention to its neighbourhood and to related regions.",
                  self._plotly(outlier_grid_plotly, og))
 
     def propagation(self, detector: str) -> None:
