@@ -16,6 +16,7 @@ __all__ = [
     "add_model_arguments",
     "add_segmenter_arguments",
     "load_bundle_from_args",
+    "plain_text",
     "say_caveat",
     "segmenter_overrides",
 ]
@@ -63,6 +64,11 @@ def load_bundle_from_args(args: argparse.Namespace) -> Any:
     if bundle.dtype != dtype:
         bundle.model.to(dtype)
     return bundle
+
+
+def plain_text(doc: str) -> str:
+    """A docstring as ``--help`` shows it: without reStructuredText's double backticks."""
+    return doc.replace("``", "")
 
 
 def say_caveat(command: str, bundle: Any) -> None:
