@@ -1,4 +1,4 @@
-"""What a person sees about the model: PNG banners and text chunks, load messages, errors."""
+"""What a person sees: PNG banners and text chunks, load messages, errors, colours, notebooks."""
 
 from __future__ import annotations
 
@@ -151,3 +151,92 @@ def test_wrong_architecture_error_names_what_the_file_holds(vit_s16_file) -> Non
     assert "width 384, 12 blocks, 16 px patches, 224 px input, output dim 384" in msg
     assert "open_clip name: ViT-S-16" in msg
     assert "ViT-B-16 " not in msg.split("The file holds")[1]
+
+
+# --------------------------------------------------------------------------- colours
+def test_palette_black_only_for_a_background_class(tiny_vit, tmp_path) -> None:
+    from sfp.seg.benchmarks import class_names
+    from sfp.seg.pipeline import PALETTE, class_palette
+
+    user = class_palette(["cup", "table"])
+    assert user[0].tolist() != [0, 0, 0] and user[0].tolist() == [128, 0, 0]  # VOC colour 1
+    assert not (user[:255] == 0).all(axis=1).any()  # no user class drawn black
+    assert class_palette(["background", "cup"])[0].tolist() == [0, 0, 0]
+    assert class_palette(class_names("voc21"))[0].tolist() == [0, 0, 0]
+    assert class_palette(class_names("voc21")) is PALETTE
+    assert class_palette(class_names("voc20"))[0].tolist() == [128, 0, 0]  # no background
+    seg = Segmenter(tiny_vit, ["cup", "table"], method="clip", templates=SIMPLE)
+    res = seg.predict(np.full((64, 64, 3), 128, np.uint8))
+    assert not (res.colorize() == 0).all(axis=-1).any()
+    lab, _ = save_segmentation(res, tmp_path, "cup")
+    with Image.open(lab) as im:
+        assert im.getpalette()[:3] == [128, 0, 0]
+
+
+# --------------------------------------------------------------------------- notebooks
+def test_notebooks_import_no_private_module() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "notebooks"
+    private = re.compile(r"^\s*(?:from|import)\s+([\w.]+)", re.MULTILINE)
+    found = []
+    for nb in sorted(root.glob("*.ipynb")):
+        for cell in json.loads(nb.read_text())["cells"]:
+            if cell["cell_type"] != "code":
+                continue
+            for mod in private.findall("".join(cell["source"])):
+                if any(part.startswith("_") for part in mod.split(".")):
+                    found.append(f"{nb.name}: {mod}")
+    assert found == []
+
+
+# --------------------------------------------------------------------------- layout
+def test_stage_comparison_with_two_baselines_fits_the_output_area(tiny_vit) -> None:
+    from sfp.viz.widgets import StageComparison
+
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    comp = StageComparison(tiny_vit, img, "cat; dog", baselines=("sclip", "naclip"),
+                           short_side=64, crop=64, stride=32)
+    assert len(comp.panels) == 6
+    lay = comp.figure.layout
+    assert lay.width <= 1068  # JupyterLab's output area (6 x 240 px would need 1460)
+    # every panel's image axis lies inside the figure and the panels do not overlap
+    domains = sorted(tuple(lay[f"xaxis{'' if k == 1 else k}"].domain) for k in range(1, 7))
+    assert all(0 <= a < b <= 1 for a, b in domains)
+    # by hand: 1020 usable px / 6 panels = 170 px each, one row
+    assert comp.grid_shape(6) == (1, 6, 170)
+    assert comp.grid_shape(4) == (1, 4, 240)  # fits at full size
+    assert comp.grid_shape(10) == (2, 8, 127)  # 10 x 120 px would not fit: wrap
+    narrow = StageComparison(tiny_vit, img, "cat; dog", baselines=("sclip", "naclip"),
+                             short_side=64, crop=64, stride=32, max_width=600)
+    rows, cols, panel = narrow.grid_shape(6)
+    assert (rows, cols) == (2, 4) and narrow.figure.layout.width <= 600
+    ys = {tuple(narrow.figure.layout[f"yaxis{'' if k == 1 else k}"].domain) for k in (1, 5)}
+    assert len(ys) == 2  # panel 5 starts the second row
+
+
+# --------------------------------------------------------------------------- command line
+def test_help_texts_have_no_raw_double_backticks() -> None:
+    import argparse
+
+    from sfp.cli.app import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"segment", "figures", "demo"} <= set(subs.choices)
+    for name, sub in subs.choices.items():
+        assert "``" not in sub.format_help(), name
+    assert "``" not in parser.format_help()
+
+
+def test_pyproject_license_is_an_spdx_string() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    project = text.split("[project]", 1)[1].split("\n[", 1)[0]
+    # a table {text = ...} is deprecated by setuptools (warned at every install)
+    assert re.findall(r"^license\s*=\s*(.+)$", project, re.MULTILINE) == ['"MIT"']
+    assert "License ::" not in project  # no license classifier next to the SPDX string
