@@ -399,13 +399,18 @@ def plotly_colorscale(cmap: str | Colormap, n: int = 11) -> list[list[Any]]:
 
 
 def plotly_title(fig: Any, text: str) -> Any:
-    """Give a plotly figure ``text`` (newlines allowed) as its title, with a top margin that
-    fits it so it never overlaps the subplot titles; returns the figure."""
+    """Give a plotly figure ``text`` (newlines allowed) as its title, wrapped to the figure's
+    width, below plotly's tool bar, with a top margin that fits it so it never overlaps the
+    subplot titles; returns the figure."""
+    width = fig.layout.width or 900
+    keep = SYNTHETIC_TAG.replace(" ", "\0")  # the caveat is never split over two lines
+    text = wrap_title(text.replace(SYNTHETIC_TAG, keep), max(40, int(width / 7.5)))
+    text = text.replace("\0", " ")  # (14 px font: no line wider than the figure)
     lines = text.count("\n") + 1
     fig.update_layout(  # below plotly's tool bar (about 30 px at the top right)
         title={"text": text.replace("\n", "<br>"), "x": 0.5, "xanchor": "center",
-               "y": 1.0, "yref": "container", "yanchor": "top", "pad": {"t": 34},
+               "y": 1.0, "yref": "container", "yanchor": "top", "pad": {"t": 46},
                "font": {"size": 14}},
-        margin={"t": 60 + 21 * lines},
+        margin={"t": 70 + 21 * lines},
     )
     return fig
