@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         trace = record(bundle, torch.cat([v.pixels for v in group]))
         d = agreement_data(trace, detectors=detectors)
         files = save_figure(detector_agreement(d), f"{args.out}/{stem}", formats=formats,
-                            dpi=args.dpi)
+                            dpi=args.dpi, source=bundle)
         files.append(write_plotly_page(f"{args.out}/{stem}.html",
                                        [("Detector agreement", detector_agreement_plotly(d))],
                                        title="Detector agreement",

@@ -38,12 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         d = layerwise_data(bundle, view, layers=args.layers)
         stem = f"{args.out}/{view.name}_layerwise_purification"
         files = save_figure(layerwise_purification(d, mode=args.feature_map), stem,
-                            formats=formats, dpi=args.dpi)
+                            formats=formats, dpi=args.dpi, source=bundle)
         figs.append((f"Layer-wise purification — {view.name}", layerwise_purification_plotly(d)))
         print("\n".join(str(f) for f in files))
     s = som_detections_data(bundle, views, layer=args.som_layer)
     files = save_figure(som_detections(s), f"{args.out}/som_detections", formats=formats,
-                        dpi=args.dpi)
+                        dpi=args.dpi, source=bundle)
     figs.append(("SOM's detections", som_detections_plotly(s)))
     files.append(write_plotly_page(f"{args.out}/layerwise_purification.html", figs,
                                    title="Layer-wise purification",

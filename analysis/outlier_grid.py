@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             d = outlier_grid_data(trace, view.rgb, layers=args.layers, detector=args.detector,
                                   head=args.head, patch=args.patch, as_released=False)
         stem = f"{args.out}/{view.name}_outlier_grid"
-        files = save_figure(outlier_grid(d), stem, formats=formats, dpi=args.dpi)
+        files = save_figure(outlier_grid(d), stem, formats=formats, dpi=args.dpi,
+                            source=bundle)
         files.append(write_plotly_page(f"{stem}.html", [("Outlier grid",
                                                          outlier_grid_plotly(d))],
                                        title=f"Outlier grid — {view.name}",

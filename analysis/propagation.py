@@ -35,9 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         d = propagation_data(record(bundle, view.pixels), view.rgb)
         stem = f"{args.out}/{view.name}"
         files = save_figure(propagation(d, detector=args.detector), f"{stem}_propagation",
-                            formats=formats, dpi=args.dpi)
+                            formats=formats, dpi=args.dpi, source=bundle)
         files += save_figure(norm_maps(d, detector=args.detector, over_image=args.over_image),
-                             f"{stem}_norm_maps", formats=formats, dpi=args.dpi)
+                             f"{stem}_norm_maps", formats=formats, dpi=args.dpi,
+                             source=bundle)
         files.append(write_plotly_page(
             f"{stem}_propagation.html",
             [("Propagation", propagation_plotly(d, detector=args.detector)),

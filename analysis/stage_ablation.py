@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                                 baselines=baselines, templates=args.templates)
         stem = f"{args.out}/{view.name}_stage_ablation"
         files = save_figure(stage_ablation(d, mode=args.feature_map, space=args.space), stem,
-                            formats=formats, dpi=args.dpi)
+                            formats=formats, dpi=args.dpi, source=bundle)
         files.append(write_plotly_page(f"{stem}.html", [("Stage ablation",
                                                          stage_ablation_plotly(d,
                                                                                space=args.space))],

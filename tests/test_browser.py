@@ -251,3 +251,79 @@ def test_explorer_in_notebook7(jupyter_server: str) -> None:
     result = _run_explorer(jupyter_server, f"notebooks/{NOTEBOOK}",
                            ARTIFACTS / "browser_explorer_nb7.png")
     _check(result)
+
+
+_PAGE_JS = """
+() => {
+  const divs = Array.from(document.querySelectorAll('div.sfp-plot'));
+  const out = [];
+  for (const d of divs) {
+    const title = d.querySelector('.gtitle');
+    const bar = d.querySelector('.modebar');
+    const box = d.getBoundingClientRect();
+    const t = title ? title.getBoundingClientRect() : null;
+    const m = bar ? bar.getBoundingClientRect() : null;
+    out.push({drawn: !d.classList.contains('pending') && !!d.querySelector('.main-svg'),
+              top: box.top, left: box.left, right: box.left + (d.data ? d.layout.width : 0),
+              titleTop: t ? t.top : null, titleBottom: t ? t.bottom : null,
+              titleRight: t ? t.right : null, titleLeft: t ? t.left : null,
+              barBottom: m ? m.bottom : null, barLeft: m ? m.left : null,
+              heatmaps: d.data ? d.data.filter(x => x.type === 'heatmap').length : 0});
+  }
+  return out;
+}
+"""
+
+
+def test_interactive_page_in_chromium(tmp_path: Path) -> None:
+    """The compressed interactive page (plotly.js inflated by the browser) draws every figure
+    as it scrolls into view, and no title line sits under plotly's tool bar."""
+    from playwright.sync_api import sync_playwright
+
+    from sfp.core.io import normalize
+    from sfp.core.probe import record
+    from sfp.models.synthetic import planted_model, synthetic_scene
+    from sfp.viz.figures import (
+        norm_maps_plotly,
+        outlier_grid_plotly,
+        propagation_data,
+        propagation_plotly,
+    )
+    from sfp.viz.figures.export import write_plotly_page
+
+    chromium = _require_chromium()
+    bundle, _ = planted_model("ViT-S-16", seed=0)
+    scene = synthetic_scene(0)
+    trace = record(bundle, normalize(scene, bundle)[None])
+    rgb = scene.permute(1, 2, 0).numpy()
+    pd = propagation_data(trace, rgb)
+    figs = [("Outlier grid", outlier_grid_plotly(trace, rgb, layers=[2, 6, 7, 12])),
+            ("Propagation", propagation_plotly(pd)), ("Norm maps", norm_maps_plotly(pd))]
+    page_path = write_plotly_page(tmp_path / "interactive.html", figs, title="figures",
+                                  banner=bundle.label, synthetic=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            page.goto(page_path.as_uri())
+            page.wait_for_selector("div.sfp-plot .main-svg", timeout=60_000)
+            for div in page.locator("div.sfp-plot").all():  # lazy: drawn when near the view
+                div.scroll_into_view_if_needed()
+                page.wait_for_timeout(300)
+            page.wait_for_function("() => !document.querySelector('div.sfp-plot.pending')",
+                                   timeout=60_000)
+            page.wait_for_timeout(500)
+            info = page.evaluate(_PAGE_JS)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.evaluate("() => window.scrollTo(0, 0)")
+            page.screenshot(path=str(ARTIFACTS / "browser_interactive_page.png"))
+        finally:
+            browser.close()
+    assert [i["drawn"] for i in info] == [True, True, True]
+    assert info[0]["heatmaps"] == 7 * 4  # 7 rows x 4 layers of heatmaps
+    for i in info:
+        assert i["titleTop"] is not None and i["titleTop"] >= i["top"]  # not cut off
+        assert i["left"] <= i["titleLeft"] and i["titleRight"] <= i["right"]  # nor its sides
+        overlaps = i["barBottom"] is not None and i["titleTop"] < i["barBottom"] \
+            and i["titleRight"] > i["barLeft"]
+        assert not overlaps, i

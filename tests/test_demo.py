@@ -39,7 +39,11 @@ def test_demo_quick_writes_report_and_prints_tables(tmp_path, tiny_vit, monkeypa
     assert (out / "som_detections.png").is_file()
     assert text.count('class="what"') == 7  # a note on what to look at for every figure
     assert external_urls(text) == []
-    assert not (out / "interactive.html").exists()  # --quick skips it
+    page = out / "interactive.html"
+    assert page.is_file()
+    # plotly.js (4.7 MB) inlined once, compressed, and one image's figures: a few MB at most.
+    assert page.stat().st_size < 3_000_000
+    assert external_urls(page.read_text(encoding="utf-8")) == []
 
     printed = capsys.readouterr().out
     assert "Using tiny test weights." in printed

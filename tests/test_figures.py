@@ -49,6 +49,7 @@ from sfp.viz.figures import (
     stage_ablation,
     stage_ablation_data,
     stage_ablation_plotly,
+    style,
     write_plotly_page,
 )
 from sfp.viz.figures.views import patch_index
@@ -268,7 +269,10 @@ def test_propagation(case):
         assert d.max_cls_attention[onset] > 10 * d.uniform_attention
 
     figp = propagation_plotly(d)
-    assert len(figp.data) == 2 + 2 + 4 + 1
+    # l2 has no criterion (every patch passes), lof / norm_z keep every candidate: only a
+    # top-k detector that dropped candidates (SOM) gets a dotted "passed" line.
+    assert set(d.cut_detectors()) <= {"som"}
+    assert len(figp.data) == 2 + 2 + 4 + len(d.cut_detectors()) + 1
 
     fig = norm_maps(d, detector="som")
     n_panels = int(np.ceil(n_l / min(6, n_l))) * min(6, n_l)
@@ -336,7 +340,10 @@ def test_stage_ablation(case, ablation):
     assert len(_colorbars(fig)) == 0
     assert _main_axes(fig)[1].images[0].get_array().shape == (gh, gw, 3)
     figp = stage_ablation_plotly(d)
-    assert len(figp.data) == 3 * 5
+    present = [d.class_names[c] for c in np.unique(d.labels)]
+    legend = [t.name for t in figp.data if getattr(t, "showlegend", None)]
+    assert len(figp.data) == 3 * 5 + len(present) and legend == present  # class legend
+    assert sum(1 for t in figp.data if t.type == "heatmap" and t.showscale) == 5  # colour bars
     # the columns taken from the trace equal the encoders' own forwards
     for k, method in ((0, "clip"), (4, "sclip")):
         own = make_encoder(case.bundle, method).encode_tokens(case.view.pixels)[0, 1:]
@@ -369,7 +376,13 @@ def test_layerwise_purification(case):
     assert "paper Fig. 5" in _title(fig)
     fig = layerwise_purification(d, mode="pca", over_image=False)
     assert _main_axes(fig)[0].images[0].get_array().shape == (*case.grid, 3)
-    assert len(layerwise_purification_plotly(d).data) == 2 * n
+    figp = layerwise_purification_plotly(d)
+    assert len(figp.data) == 2 * n + n  # two heatmaps per layer, row (b)'s flag boxes
+    boxes = [t for t in figp.data if t.type == "scatter"]
+    assert [len(t.x) for t in boxes] == [int(m.sum()) for m in d.masks]  # the caption's boxes
+    assert sum(1 for t in figp.data if t.type == "heatmap" and t.showscale) == n
+    jet = style.plotly_colorscale(style.OVERLAY_CMAP)
+    assert figp.data[0].colorscale[0][1] == jet[0][1] == "rgb(0,0,128)"  # matplotlib's jet
     if case.synthetic:
         raw, pur = d.norm_maps()
         k = d.layers.index(case.truth.onset_layer + 2)
@@ -429,7 +442,7 @@ def test_external_urls_detects_resources():
 # --------------------------------------------------------------------------------------------
 
 
-def test_cli_figures_writes_expected_files(tmp_path, tiny_vit, monkeypatch):
+def test_cli_figures_writes_expected_files(tmp_path, tiny_vit, monkeypatch, capsys):
     import sfp.cli.app as cli
     from sfp.cli import common
 
@@ -453,6 +466,11 @@ def test_cli_figures_writes_expected_files(tmp_path, tiny_vit, monkeypatch):
     assert tiny_vit.label in index
     for page in (index, (sub / "interactive.html").read_text(encoding="utf-8")):
         assert external_urls(page) == []
+    err = capsys.readouterr().err
+    assert "9/9" in err  # the progress bar: 7 render steps + the page, then Fig. 2 + index
+    assert err.count("not a pretrained CLIP") == 1  # random weights: said once
+    with Image.open(sub / "outlier_grid.png") as im:  # ... and inside every picture
+        assert im.text["sfp:provenance"] == "random" and "sfp:caveat" in im.text
 
 
 def test_cli_figures_parser():

@@ -350,7 +350,7 @@ def test_stage_comparison(tiny):
     # the overlay is the label colours blended over the image
     labels = comp.segmentations["CLIP"].labels.numpy()
     shown = _png(by_meta["image:CLIP"].source).astype(int)
-    colors = label_colors(3).astype(float)
+    colors = label_colors(3, comp.segmentations["CLIP"].class_names).astype(float)
     rgb = (comp.image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8).astype(float)
     want = (0.55 * colors[labels] + 0.45 * rgb).clip(0, 255).astype(np.uint8)
     assert np.abs(shown - want.astype(int)).max() <= 1
@@ -453,9 +453,10 @@ def test_tuner_controls_and_config_code(tuner_setup, capsys):
     cfg = tuner.current_config()
     assert cfg == SFPConfig.official(res_cls=0.2, cls_scale=1.0, sim_threshold=0.5,
                                      detector="l2", top_k=5)
-    tuner.copy_button.click()
-    printed = capsys.readouterr().out
-    assert "SFPConfig.official(" in printed and "Segmenter(bundle" in printed
+    tuner.copy_button.click()  # offers the code in a text field (to copy), prints nothing
+    shown = tuner.code_text.value
+    assert "SFPConfig.official(" in shown and "Segmenter(bundle" in shown
+    assert tuner.code_text.layout.display == "" and capsys.readouterr().out == ""
     code = tuner.config_code()
     ns: dict = {"bundle": bundle}
     exec(code, ns)  # the printed code rebuilds the same settings
@@ -466,6 +467,8 @@ def test_tuner_controls_and_config_code(tuner_setup, capsys):
     np.testing.assert_array_equal(seg.postprocess(tuner.scores()[0]).labels.numpy(),
                                   tuner.segmentations[0].labels.numpy())
     assert isinstance(tuner.to_figure(), go.Figure)
+    tuner.logit_scale_slider.value = 41.00000000000001  # what a slider drag can produce
+    assert "logit_scale=41.0," in tuner.config_code()
     with pytest.raises(ValueError, match="masks"):
         ThresholdTuner(bundle, [scene], CLASSES, masks=[mask, mask])
 

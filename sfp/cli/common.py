@@ -7,6 +7,7 @@ registries, so ``--help`` always lists what is registered.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ __all__ = [
     "add_segmenter_arguments",
     "load_bundle_from_args",
     "resolve_precision",
+    "plain_text",
+    "say_caveat",
     "segmenter_overrides",
 ]
 
@@ -73,6 +76,18 @@ def resolve_precision(args: argparse.Namespace, device: Any) -> str:
 
     precision = getattr(args, "precision", "fp32")
     return default_precision(device) if precision == "auto" else precision
+def plain_text(doc: str) -> str:
+    """A docstring as ``--help`` shows it: without reStructuredText's double backticks."""
+    return doc.replace("``", "")
+
+
+def say_caveat(command: str, bundle: Any) -> None:
+    """Say once, on stderr, that the model's weights are random or synthetic (and that every
+    image written carries a banner saying so); nothing for real weights."""
+    if bundle.caveat:
+        name = bundle.label.replace(f" / {bundle.caveat}", "")
+        print(f"sfp {command}: note: {name} — {bundle.caveat}, not a pretrained CLIP; every "
+              "image written carries a banner saying so.", file=sys.stderr)
 
 
 def add_segmenter_arguments(p: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", default="demo_output", metavar="DIR",
                    help="output folder (default demo_output)")
-    p.add_argument("--quick", action="store_true", help="one image, no interactive page")
+    p.add_argument("--quick", action="store_true", help="one image only")
     p.add_argument("--synthetic", action="store_true",
                    help="use the planted-outlier model without looking for weights")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model (default ViT-B-16)")

@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "figures",
         help="analysis figures (outlier grid, propagation, agreement, ablation, layer-wise)",
-        description=__doc__,
+        description=common.plain_text(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--image", action="append", required=True, metavar="PATH",
@@ -103,6 +103,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--formats", default="png,svg", help="static formats (default png,svg)")
     p.add_argument("--dpi", type=int, default=150, help="PNG resolution (default 150)")
     p.add_argument("--no-html", action="store_true", help="skip the interactive pages")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
 
@@ -150,6 +151,8 @@ def write_index(out: Path, bundle: Any, sections: list[tuple[str, list[Any], str
 def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
     """Run ``sfp figures`` with parsed ``args`` (``bundle`` given: use it instead of loading
     one). Returns the index page's path."""
+    from tqdm.auto import tqdm
+
     from sfp.models.text import resolve_templates
     from sfp.seg.pipeline import embed_classes
     from sfp.viz.figures.export import write_plotly_page
@@ -172,6 +175,7 @@ def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
     if bundle is None:
         bundle = common.load_bundle_from_args(args)
     print(f"sfp figures: model {bundle.label}", file=sys.stderr)
+    common.say_caveat("figures", bundle)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     templates = resolve_templates(args.templates)
@@ -179,19 +183,24 @@ def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
     ttext = f" ({TEMPLATES.get(args.templates).display})"
     used: set[str] = set()
     sections, parts = [], []
+    # Per image: the trace and six figures (render_image's steps), then the page; at the end
+    # supplement Fig. 2 and the index: the demo's bar.
+    bar = tqdm(total=8 * len(args.image) + 1, desc="figures", unit="step", file=sys.stderr,
+               disable=getattr(args, "no_progress", False), dynamic_ncols=True)
     for path in args.image:
         name = _unique_stem(Path(path), used)
         view = image_view(bundle, path, size=args.size, crop=not args.no_crop, name=name)
         grid_view = (image_view(bundle, path, size=args.size, squash=True, name=name)
                      if as_released else None)
-        print(f"  {name}: {view.size[0]} x {view.size[1]} px", file=sys.stderr)
+        bar.set_description(f"figures: {name} ({view.size[0]} x {view.size[1]} px)")
         rep = render_image(bundle, view, out / name, queries=queries, classes=args.classes,
                            layers=args.layers,
                            detector=args.detector, head=args.head, patch=args.patch,
                            config=args.preset, baselines=baselines, formats=formats,
                            dpi=args.dpi, feature_map=args.feature_map,
                            interactive=not args.no_html, templates_text=ttext,
-                           as_released=as_released, grid_view=grid_view)
+                           as_released=as_released, grid_view=grid_view,
+                           step=lambda _name: bar.update(1))
         page = None
         if not args.no_html:
             page_path = write_plotly_page(
@@ -200,6 +209,7 @@ def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
                 title=f"{name} — interactive figures", banner=f"Model: {bundle.label}",
                 synthetic=bundle.is_synthetic, notes=[fr.text for fr in rep.figures])
             page = page_path.relative_to(out).as_posix()
+        bar.update(1)
         sections.append((name, rep.figures, page))
         # Keep only what the index and supplement Fig. 2 need (traces are ~30 MB each).
         parts.append(som_detections_data(bundle, [view], traces=[rep.trace]))
@@ -211,8 +221,11 @@ def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
         images=[i for p in parts for i in p.images], norms=[n for p in parts for n in p.norms],
         masks=[m for p in parts for m in p.masks], params=parts[0].params, label=bundle.label,
         is_synthetic=bundle.is_synthetic)
+    bar.set_description("figures: SOM detections, index")
     som = render_som_detections(bundle, [], out, formats=formats, dpi=args.dpi,
                                 interactive=False, data=merged)
+    bar.update(1)
+    bar.close()
     index = write_index(out, bundle, sections, [som], title="SFP analysis figures",
                         note=f"Rendered in {time.perf_counter() - t0:.0f} s.")
     return index

@@ -35,6 +35,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     if args.class_file is not None and not Path(args.class_file).is_file():
         raise FileNotFoundError(f"No class file at {args.class_file}.")
     bundle = common.load_bundle_from_args(args)
+    common.say_caveat("segment", bundle)
     kw = common.segmenter_overrides(args)
     if args.benchmark:
         seg = Segmenter.for_benchmark(bundle, args.benchmark, **kw)

@@ -173,3 +173,107 @@ def sample_images() -> dict[str, np.ndarray]:
         img = getattr(data, name)()
         out[name] = img[..., :3] if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing images: every PNG says which model made it
+# ---------------------------------------------------------------------------------------------
+
+#: Background and text colours of the banner on images of synthetic / random models.
+BANNER_FILL = (255, 214, 10)
+BANNER_TEXT = (0, 0, 0)
+#: PNG text-chunk keys sfp writes (``Software`` is PNG's registered key).
+PNG_KEYS = ("Software", "sfp:model", "sfp:provenance", "sfp:caveat")
+
+
+def image_tag(source: Any) -> dict[str, str]:
+    """What an image written from ``source`` must say about its model.
+
+    source: a ``ModelBundle``, a ``Trace`` or anything with ``label``, ``provenance`` and
+    ``caveat`` attributes, or an already made tag (dict); None: nothing is known. Returns
+    the PNG text chunks:
+    ``{"Software": "sfp", "sfp:model": label, "sfp:provenance": kind}`` plus ``"sfp:caveat"``
+    when the model has one (random or synthetic weights).
+    """
+    if isinstance(source, dict):
+        return {"Software": "sfp", **source}
+    tag = {"Software": "sfp"}
+    if source is None:
+        return tag
+    label = getattr(source, "label", None)
+    if label:
+        tag["sfp:model"] = str(label)
+    tag["sfp:provenance"] = str(getattr(source, "provenance", "unknown"))
+    caveat = getattr(source, "caveat", None)
+    if caveat:
+        tag["sfp:caveat"] = str(caveat)
+    return tag
+
+
+def banner_text(tag: dict[str, str]) -> str | None:
+    """The banner sentence of an image with PNG chunks ``tag``; None when it needs none."""
+    caveat = tag.get("sfp:caveat")
+    if not caveat:
+        return None
+    model = tag.get("sfp:model", "unknown model").replace(f" / {caveat}", "")
+    return f"{caveat.upper()}: {model}, not a pretrained CLIP"
+
+
+def _banner_font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def add_banner(img: Image.Image, text: str) -> Image.Image:
+    """``img`` (RGB/RGBA) with a yellow strip holding ``text`` above it: the result is
+    (H + strip, W); the original pixels are unchanged below the strip. Long text wraps."""
+    from PIL import ImageDraw
+
+    w, h = img.size
+    size = max(10, min(22, w // 45))
+    font = _banner_font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for word in text.split():  # greedy wrap on the measured width
+        trial = f"{lines[-1]} {word}" if lines else word
+        x0, _, x1, _ = probe.textbbox((0, 0), trial, font=font)
+        if lines and x1 - x0 <= w - 12:
+            lines[-1] = trial
+        else:
+            lines.append(word)
+    line_h = size + 4
+    strip = 6 + line_h * len(lines) + 4
+    mode = "RGBA" if img.mode == "RGBA" else "RGB"
+    out = Image.new(mode, (w, h + strip), BANNER_FILL + ((255,) if mode == "RGBA" else ()))
+    out.paste(img.convert(mode), (0, strip))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((6, 6 + i * line_h), line, fill=BANNER_TEXT, font=font)
+    return out
+
+
+def save_png(img: Image.Image | np.ndarray, path: str | os.PathLike, source: Any = None, *,
+             banner: bool = True) -> Path:
+    """Write ``img`` as a PNG at ``path`` with sfp's text chunks (:func:`image_tag`).
+
+    img: a PIL image or (H, W, 3) uint8 array. For a model with a caveat (random or synthetic
+    weights) a banner saying so is drawn above the picture (:func:`add_banner`) unless
+    ``banner=False`` (images whose pixels are data, e.g. label maps, get only the chunks).
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    pil = Image.fromarray(np.ascontiguousarray(img)) if isinstance(img, np.ndarray) else img
+    tag = image_tag(source)
+    text = banner_text(tag)
+    if banner and text:
+        pil = add_banner(pil, text)
+    info = PngInfo()
+    for key, value in tag.items():
+        info.add_itxt(key, value)
+    path = Path(path)
+    pil.save(path, format="PNG", pnginfo=info)
+    return path

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -41,6 +41,7 @@ from sfp.core.registry import Param, Registry, RegistryError, signature_defaults
 __all__ = [
     "DETECTORS",
     "Detector",
+    "FlagCounts",
     "LayerStats",
     "MissingInputError",
     "MitigationReport",
@@ -84,11 +85,15 @@ class OutlierResult:
     """What a detector found.
 
     scores: (B, N) float, higher = more outlying (meaning depends on the detector).
-    mask: (B, N) bool, True where a patch token is flagged as an outlier.
+    mask: (B, N) bool, True where a patch token is flagged as an outlier (kept).
+    candidates: (B, N) bool, the patches that passed the detector's criterion before a top-k
+        cut kept some of them (``mask`` is a subset); all True for a detector without a
+        criterion (``l2`` only ranks); None when the detector does not say (then ``mask``).
     """
 
     scores: Tensor
     mask: Tensor
+    candidates: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 2 or self.mask.shape != self.scores.shape:
@@ -98,6 +103,20 @@ class OutlierResult:
             )
         if self.mask.dtype != torch.bool:
             raise ValueError(f"OutlierResult.mask must be bool, got {self.mask.dtype}")
+        c = self.candidates
+        if c is not None and (c.shape != self.mask.shape or c.dtype != torch.bool):
+            raise ValueError("OutlierResult.candidates must be (B, N) bool like mask, got "
+                             f"{tuple(c.shape)} {c.dtype}")
+
+    def passed(self) -> Tensor:
+        """Patches that passed the criterion per image: (B,) long (``count()`` when the
+        detector reports no candidates)."""
+        return (self.mask if self.candidates is None else self.candidates).sum(dim=-1)
+
+    def flag_counts(self, index: int = 0) -> FlagCounts:
+        """How many patches passed the criterion and how many were kept, for one image."""
+        return FlagCounts(passed=int(self.passed()[index]), kept=int(self.count()[index]),
+                          total=int(self.mask.shape[-1]))
 
     def indices(self) -> list[Tensor]:
         """Flagged patch indices per image, ascending: a list of B LongTensors."""
@@ -106,6 +125,46 @@ class OutlierResult:
     def count(self) -> Tensor:
         """Number of flagged patches per image: (B,) long."""
         return self.mask.sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class FlagCounts:
+    """Candidates and kept flags of one detector on one image (one layer).
+
+    passed: patches that passed the criterion (all ``total`` for a detector without one);
+    kept: patches flagged after the top-k cut (<= passed); total: patches N. The texts are
+    the one wording every figure and widget uses.
+    """
+
+    passed: int
+    kept: int
+    total: int
+
+    @property
+    def none_above(self) -> bool:
+        """No patch passed the criterion: nothing is an outlier here."""
+        return self.passed == 0
+
+    @property
+    def text(self) -> str:
+        """E.g. "10 kept of 37 above the criterion (top-k)"; see :attr:`short`."""
+        if self.none_above:
+            return "no outlier above the criterion"
+        if self.passed >= self.total and self.kept < self.total:
+            return (f"{self.kept} kept of all {self.total} (every patch passes the criterion: "
+                    "top-k only)")
+        if self.kept < self.passed:
+            return f"{self.kept} kept of {self.passed} above the criterion (top-k)"
+        return f"{self.kept} above the criterion, all kept"
+
+    @property
+    def short(self) -> str:
+        """E.g. "10 of 37 pass" / "no outlier": for panel titles."""
+        if self.none_above:
+            return "no outlier above the criterion"
+        if self.kept < self.passed:
+            return f"{self.kept} kept / {self.passed} pass"
+        return f"{self.kept} pass, all kept"
 
 
 @dataclass(frozen=True)
@@ -251,7 +310,7 @@ def som(attention: Tensor, top_k: int | None = 10, cls_scale: float = 1.5) -> Ou
         mask = candidates
     else:
         mask = _top_k_mask(scaled_r, top_k, eligible=candidates)
-    return OutlierResult(scores=scaled_r - s, mask=mask)
+    return OutlierResult(scores=scaled_r - s, mask=mask, candidates=candidates)
 
 
 def l2(hidden: Tensor, top_k: int = 10, *, has_cls: bool = True) -> OutlierResult:
@@ -263,7 +322,8 @@ def l2(hidden: Tensor, top_k: int = 10, *, has_cls: bool = True) -> OutlierResul
     """
     _check_top_k(top_k, allow_none=False)
     norms = torch.linalg.vector_norm(_compute_dtype(_patches(hidden, has_cls)), dim=-1)
-    return OutlierResult(scores=norms, mask=_top_k_mask(norms, top_k))
+    return OutlierResult(scores=norms, mask=_top_k_mask(norms, top_k),
+                         candidates=torch.ones_like(norms, dtype=torch.bool))
 
 
 def _squared_distances(x: Tensor) -> Tensor:
@@ -341,7 +401,8 @@ def lof(
     lrd_o = torch.gather(lrd, 1, knn_idx.reshape(b, n * k)).reshape(b, n, k)
     scores = (lrd_o / lrd.unsqueeze(-1)).mean(dim=-1)
     threshold = torch.quantile(scores.float(), 1.0 - contamination, dim=-1, keepdim=True)
-    return OutlierResult(scores=scores, mask=scores > threshold)
+    mask = scores > threshold
+    return OutlierResult(scores=scores, mask=mask, candidates=mask)
 
 
 def norm_z(hidden: Tensor, threshold: float = 3.5, *, has_cls: bool = True) -> OutlierResult:
@@ -362,7 +423,8 @@ def norm_z(hidden: Tensor, threshold: float = 3.5, *, has_cls: bool = True) -> O
     floor = (median.abs() * _MAD_REL_FLOOR).clamp_min(_MAD_REL_FLOOR)
     mad = torch.where(mad > 0, mad, floor)
     z = 0.6745 * (norms - median) / mad
-    return OutlierResult(scores=z, mask=z > threshold)
+    mask = z > threshold
+    return OutlierResult(scores=z, mask=mask, candidates=mask)
 
 
 DbscanMetric = Literal["cosine", "euclidean"]
@@ -751,8 +813,9 @@ class LayerStats:
     """Per-layer outlier statistics (see :func:`layer_statistics`).
 
     layers: the L layers, ascending. max_norm, median_norm: (L, B) patch-token L2 norms.
-    counts: {detector: (L, B) long}. masks: {detector: (L, B, N) bool}.
-    scores: {detector: (L, B, N) float}.
+    counts: {detector: (L, B) long} kept flags. masks: {detector: (L, B, N) bool}.
+    scores: {detector: (L, B, N) float}. passed: {detector: (L, B) long} patches that passed
+    the criterion before the top-k cut (:meth:`OutlierResult.passed`).
     """
 
     layers: list[int]
@@ -761,6 +824,14 @@ class LayerStats:
     counts: dict[str, Tensor]
     masks: dict[str, Tensor]
     scores: dict[str, Tensor]
+    passed: dict[str, Tensor] = field(default_factory=dict)
+
+    def flag_counts(self, detector: str, layer: int, index: int = 0) -> FlagCounts:
+        """Candidates and kept flags of ``detector`` at ``layer`` for image ``index``."""
+        i = self.layers.index(layer)
+        kept = int(self.counts[detector][i, index])
+        passed = int(self.passed[detector][i, index]) if detector in self.passed else kept
+        return FlagCounts(passed=passed, kept=kept, total=int(self.masks[detector].shape[-1]))
 
     def persistence(self, detector: str) -> Tensor:
         """(L, L) float: entry [i, j] (j > i) is the batch-averaged fraction of the tokens
@@ -801,6 +872,7 @@ def layer_statistics(
     max_norm, median_norm = [], []
     masks: dict[str, list[Tensor]] = {d.name: [] for d in specs}
     scores: dict[str, list[Tensor]] = {d.name: [] for d in specs}
+    passed: dict[str, list[Tensor]] = {d.name: [] for d in specs}
     for layer in layer_list:
         hidden = _fetch(source, "hidden", layer, "layer_statistics")
         norms = torch.linalg.vector_norm(_compute_dtype(_patches(hidden, True)), dim=-1)
@@ -813,6 +885,7 @@ def layer_statistics(
             result = spec(inputs[spec.needs], **dict(params.get(spec.name, {})))
             masks[spec.name].append(result.mask)
             scores[spec.name].append(result.scores)
+            passed[spec.name].append(result.passed())
     stacked_masks = {name: torch.stack(m) for name, m in masks.items()}
     return LayerStats(
         layers=layer_list,
@@ -821,4 +894,5 @@ def layer_statistics(
         counts={name: m.sum(dim=-1) for name, m in stacked_masks.items()},
         masks=stacked_masks,
         scores={name: torch.stack(s) for name, s in scores.items()},
+        passed={name: torch.stack(p) for name, p in passed.items()},
     )

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import socket
+import sys
 import threading
 import zipfile
 from collections.abc import Callable
@@ -191,6 +193,56 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     return sd, False
 
 
+def _architecture_of(sd: dict[str, torch.Tensor]) -> dict[str, int] | None:
+    """The ViT visual tower a CLIP state dict holds: width, depth (blocks), patch size,
+    input size and output dim, read from the tensor shapes (None when not a CLIP ViT)."""
+    conv = sd.get("visual.conv1.weight")
+    pos = sd.get("visual.positional_embedding")
+    if conv is None or conv.ndim != 4 or pos is None:
+        return None
+    blocks = {int(k.split(".")[3]) for k in sd if k.startswith("visual.transformer.resblocks.")}
+    grid = math.isqrt(max(int(pos.shape[0]) - 1, 0))
+    proj = sd.get("visual.proj")
+    return {
+        "width": int(conv.shape[0]),
+        "layers": len(blocks),
+        "patch_size": int(conv.shape[-1]),
+        "image_size": grid * int(conv.shape[-1]),
+        "embed_dim": int(proj.shape[1]) if proj is not None and proj.ndim == 2 else -1,
+    }
+
+
+def _matching_names(arch: dict[str, int]) -> list[str]:
+    """open_clip model names whose visual tower has exactly the architecture ``arch``."""
+    names = []
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name) or {}
+        v = cfg.get("vision_cfg", {})
+        if "timm_model_name" in v or not isinstance(v.get("layers"), int):
+            continue
+        size = v.get("image_size", 224)
+        if (v.get("width"), v.get("layers"), v.get("patch_size"), size) != (
+                arch["width"], arch["layers"], arch["patch_size"], arch["image_size"]):
+            continue
+        if arch["embed_dim"] > 0 and cfg.get("embed_dim") != arch["embed_dim"]:
+            continue
+        names.append(name)
+    return sorted(names, key=lambda n: (len(n), n))
+
+
+def _describe_file_architecture(sd: dict[str, torch.Tensor]) -> str:
+    """' The file holds ...' sentence naming the detected architecture (or '' if unknown)."""
+    arch = _architecture_of(sd)
+    if arch is None:
+        return ""
+    names = _matching_names(arch)
+    match = (f"; open_clip name: {' or '.join(names[:3])}" if names else
+             "; no open_clip model has exactly this visual tower")
+    return (f" The file holds a ViT visual tower of width {arch['width']}, {arch['layers']} "
+            f"blocks, {arch['patch_size']} px patches, {arch['image_size']} px input, output "
+            f"dim {arch['embed_dim']}{match}.")
+
+
 def _load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     own = model.state_dict()
     # TorchScript archives also carry non-persistent buffers (e.g. the text attn_mask).
@@ -208,8 +260,8 @@ def _load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], sour
         k, exp, found = mismatched[0]
         raise ModelLoadError(
             f"Weights in {source} do not fit this architecture: {k} expected shape {exp}, "
-            f"found {found} ({len(mismatched)} mismatched tensors). Pick the model name that "
-            "matches the file (e.g. ViT-L-14 for a 1024-wide visual tower)."
+            f"found {found} ({len(mismatched)} mismatched tensors)."
+            + (_describe_file_architecture(sd) or " Pick the model name that matches the file.")
         )
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -217,6 +269,7 @@ def _load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], sour
         raise ModelLoadError(
             f"Weights in {source} do not fit this architecture: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
+            + _describe_file_architecture(sd)
         )
     model.load_state_dict(sd, strict=True)
 
@@ -302,6 +355,39 @@ class _Weights:
     quick_gelu: bool
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
+    path: str | None = None
+    kind: str = ""
+
+    def loaded_line(self, name: str) -> str:
+        """One sentence for the terminal: what was loaded, from where, which activation."""
+        act = "QuickGELU" if self.quick_gelu else "GELU (not QuickGELU)"
+        what = f"{name} '{self.label}'" if self.provenance == "pretrained" else name
+        return f"sfp: loaded {what} weights from {self.path} ({self.kind}; {act})."
+
+
+class _DropRandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" warning:
+    load_model builds every model without weights and loads them itself right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+def _create_model(name: str, quick_gelu: bool) -> tuple[nn.Module, Any]:
+    """open_clip's model and eval transform for ``name``, without weights and without its
+    random-initialisation notice."""
+    drop = _DropRandomInitNotice()
+    loggers = [logging.getLogger(), logging.getLogger("open_clip")]
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None, force_quick_gelu=quick_gelu
+        )
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+    return model, preprocess
 
 
 def _file_weights(name: str, path: Path, quick_gelu: bool | None, cfg_qg: bool) -> _Weights:
@@ -319,7 +405,8 @@ def _file_weights(name: str, path: Path, quick_gelu: bool | None, cfg_qg: bool) 
             path.name,
             name,
         )
-    return _Weights(str(path), "file", state_dict, qg)
+    kind = "OpenAI TorchScript archive" if is_jit else f"{path.suffix or 'weights'} state dict"
+    return _Weights(str(path), "file", state_dict, qg, path=str(path.resolve()), kind=kind)
 
 
 def _tag_weights(name: str, tag: str, quick_gelu: bool | None, cfg_qg: bool,
@@ -336,7 +423,8 @@ def _tag_weights(name: str, tag: str, quick_gelu: bool | None, cfg_qg: bool,
     path = Path(_download_with_timeout(name, tag, tag_cfg, cache_dir))
     state_dict, _ = _read_weights_file(path)
     return _Weights(tag, "pretrained", state_dict, qg, tuple(tag_cfg.get("mean", OPENAI_MEAN)),
-                    tuple(tag_cfg.get("std", OPENAI_STD)))
+                    tuple(tag_cfg.get("std", OPENAI_STD)), path=str(path),
+                    kind="open_clip pretrained tag")
 
 
 def load_model(
@@ -347,6 +435,7 @@ def load_model(
     *,
     quick_gelu: bool | None = None,
     cache_dir: str | None = None,
+    quiet: bool = False,
 ) -> ModelBundle:
     """Load an open_clip ViT CLIP model.
 
@@ -360,6 +449,8 @@ def load_model(
             any tag trained with QuickGELU) and for OpenAI TorchScript archives; for a plain
             state-dict file the model config's default is used and a warning names it.
         cache_dir: download cache for tags (default: the Hugging Face cache).
+        quiet: do not print the line saying what was loaded, from where, with which
+            activation (stderr; printed for files and tags once the weights are in).
 
     Raises:
         WeightsUnavailableError: a tag's weights are not cached and cannot be downloaded.
@@ -383,11 +474,11 @@ def load_model(
     label, state_dict, qg, mean, std = w.label, w.state_dict, w.quick_gelu, w.mean, w.std
     provenance = w.provenance
 
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=None, force_quick_gelu=qg
-    )
+    model, preprocess = _create_model(name, qg)
     if state_dict is not None:
         _load_state_dict_checked(model, state_dict, label)
+        if not quiet:
+            print(w.loaded_line(name), file=sys.stderr)
     if (mean, std) != (OPENAI_MEAN, OPENAI_STD):
         preprocess = open_clip.image_transform(
             model.visual.image_size, is_train=False, mean=mean, std=std

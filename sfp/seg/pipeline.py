@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from sfp.core import forward
-from sfp.core.io import ImageSource, load_image, normalize
+from sfp.core.io import ImageSource, image_tag, load_image, normalize, save_png
 from sfp.methods.base import Encoder
 from sfp.methods.config import preset_templates
 from sfp.methods.encoders import make_encoder
@@ -58,10 +58,11 @@ from sfp.models.text import (
     resolve_templates,
     templates_key,
 )
-from sfp.seg.benchmarks import Settings, class_list, get_benchmark
+from sfp.seg.benchmarks import BACKGROUND, Settings, class_list, get_benchmark
 
 __all__ = [
     "PALETTE",
+    "class_palette",
     "Prepared",
     "Segmentation",
     "SegmentationScores",
@@ -98,9 +99,24 @@ def _voc_palette() -> np.ndarray:
     return pal
 
 
-#: Fixed class colours (the PASCAL VOC colour map): ``PALETTE[c]`` is class c's RGB colour.
+#: Fixed class colours (the PASCAL VOC colour map): ``PALETTE[c]`` is class c's RGB colour
+#: in a benchmark with a background class (class 0, black).
 PALETTE: np.ndarray = _voc_palette()
 PALETTE.flags.writeable = False
+_USER_PALETTE = np.concatenate([PALETTE[1:], PALETTE[:1]])
+_USER_PALETTE.flags.writeable = False
+
+
+def class_palette(class_names: Sequence[str] | None = None) -> np.ndarray:
+    """(256, 3) uint8 colours of classes 0..255 for a class list.
+
+    Black is the background's colour only: a list whose class 0 is named "background" (the
+    benchmarks with a background class) gets :data:`PALETTE`; any other list (the classes a
+    user typed) starts at PALETTE[1], so its first class is not drawn black. None: PALETTE.
+    """
+    if class_names is None or (len(class_names) and class_names[0] == BACKGROUND):
+        return PALETTE
+    return _USER_PALETTE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,16 +318,17 @@ def postprocess(
 # ---------------------------------------------------------------------------------------------
 
 
-def label_image(labels: np.ndarray | torch.Tensor) -> Image.Image:
+def label_image(labels: np.ndarray | torch.Tensor,
+                class_names: Sequence[str] | None = None) -> Image.Image:
     """Label map (H, W) of class indices -> PIL image: a palette PNG ('P', colours from
-    :data:`PALETTE`, pixel values = class indices) when all indices < 256, else 16-bit
-    grayscale ('I;16')."""
+    :func:`class_palette` of ``class_names``, pixel values = class indices) when all indices
+    < 256, else 16-bit grayscale ('I;16')."""
     arr = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if arr.size and (arr.min() < 0 or arr.max() > 65535):
         raise ValueError("label values must be in 0..65535 to be stored as a PNG.")
     if arr.size == 0 or arr.max() < 256:
         im = Image.fromarray(arr.astype(np.uint8)).convert("P")
-        im.putpalette(PALETTE.reshape(-1).tolist())
+        im.putpalette(class_palette(class_names).reshape(-1).tolist())
         return im
     return Image.fromarray(arr.astype(np.uint16))
 
@@ -339,6 +356,8 @@ class Segmentation:
         class_names: C display names (the first synonym of each class).
         image: (H, W, 3) uint8 RGB of the input, for :meth:`overlay` (None if not kept).
         params: the post-processing values used (logit_scale, prob_thd, area_thd).
+        model: what written images say about the model (:func:`sfp.core.io.image_tag`:
+            label, provenance, caveat); empty when unknown.
     """
 
     labels: torch.Tensor
@@ -346,6 +365,7 @@ class Segmentation:
     class_names: list[str]
     image: np.ndarray | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -363,11 +383,11 @@ class Segmentation:
 
     def label_image(self) -> Image.Image:
         """The labels as a palette PNG image (see :func:`label_image`)."""
-        return label_image(self.labels)
+        return label_image(self.labels, self.class_names)
 
     def colorize(self) -> np.ndarray:
-        """Labels painted with :data:`PALETTE`: (H, W, 3) uint8."""
-        return PALETTE[self.labels.cpu().numpy() % 256]
+        """Labels painted with :func:`class_palette` of the class list: (H, W, 3) uint8."""
+        return class_palette(self.class_names)[self.labels.cpu().numpy() % 256]
 
     def overlay(self, alpha: float = 0.5, legend: bool = True) -> np.ndarray:
         """The image blended with the class colours, with a legend of the classes present.
@@ -403,7 +423,7 @@ class Segmentation:
         draw = ImageDraw.Draw(out)
         for k, (c, name) in enumerate(zip(present, names, strict=True)):
             y = pad + k * line
-            colour = tuple(int(v) for v in PALETTE[c % 256])
+            colour = tuple(int(v) for v in class_palette(self.class_names)[c % 256])
             draw.rectangle([w + pad, y, w + pad + size, y + size], fill=colour, outline=(0, 0, 0))
             draw.text((w + pad + size + pad, y), name, fill=(0, 0, 0), font=font)
         return np.asarray(out, dtype=np.uint8)
@@ -737,7 +757,7 @@ class Segmenter:
         labels, probs, params = self._post(scores, logit_scale, prob_thd, area_thd)
         return Segmentation(labels=labels.cpu(), probs=probs.cpu(),
                             class_names=list(scores.class_names), image=scores.image,
-                            params=params)
+                            params=params, model=image_tag(self.bundle))
 
     def segment_window(self, features: torch.Tensor, grid: tuple[int, int],
                        image: np.ndarray | None = None) -> Segmentation:
@@ -782,11 +802,16 @@ class Segmenter:
 def save_segmentation(seg: Segmentation, out_dir: str | os.PathLike[str], stem: str,
                       alpha: float = 0.5) -> tuple[Path, Path]:
     """Write ``{stem}_labels.png`` (palette PNG of class indices) and ``{stem}_overlay.png``
-    into ``out_dir``; returns both paths."""
+    into ``out_dir``; returns both paths.
+
+    Both carry the model's PNG text chunks (:func:`sfp.core.io.save_png`); for random or
+    synthetic weights the overlay also gets a banner above the picture (the label map's
+    pixels stay class indices).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lab_path = out / f"{stem}_labels.png"
     ov_path = out / f"{stem}_overlay.png"
-    seg.label_image().save(lab_path, format="PNG")
-    Image.fromarray(seg.overlay(alpha)).save(ov_path, format="PNG")
+    save_png(seg.label_image(), lab_path, seg.model or None, banner=False)
+    save_png(seg.overlay(alpha), ov_path, seg.model or None)
     return lab_path, ov_path

@@ -9,8 +9,8 @@ and a short text for each saying what to look at, plus ``interactive.html`` (plo
 offline). The terminal shows the text queries embedded, a per-layer outlier table for one
 image, the tokens SOM flags there and how much SFP's features differ from CLIP's.
 
-Options: ``--out DIR`` (default ``demo_output``), ``--quick`` (one image, no interactive
-page), ``--synthetic`` (skip looking for weights), ``--model NAME``.
+Options: ``--out DIR`` (default ``demo_output``), ``--quick`` (one image), ``--synthetic``
+(skip looking for weights), ``--model NAME``.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def run_demo(
 ) -> Path:
     """Run the demo; returns the path of ``report.html``.
 
-    quick: one image and no interactive page (tests use it). bundle: use this model instead
+    quick: one image (tests use it). bundle: use this model instead
     of loading one (its label decides what the report says).
     """
     stream = stream or sys.stdout
@@ -186,7 +186,7 @@ def run_demo(
     _say(stream)
     for line in som_lines:
         _say(stream, line)
-    page = None if quick else _interactive_page(out, reports, som, bundle, weights_note)
+    page = _interactive_page(out, reports, som, bundle, weights_note)
     elapsed = time.perf_counter() - t0
     report = _write_report(out, reports, som, page, bundle, weights_note,
                            [*text_lines], layer_lines + [""] + som_lines, elapsed)
@@ -234,13 +234,13 @@ def _render_all(bundle: Any, out: Path, quick: bool, progress: bool
         bar.set_description(f"demo: {view.name}")
         reports.append(render_image(
             bundle, view, out / view.name, queries=queries, classes=DEMO_CLASSES,
-            formats=("png",), dpi=100, interactive=not quick,
+            formats=("png",), dpi=100, interactive=True,
             templates_text=f" (voc21, template {DEMO_TEMPLATES[0]!r})",
             step=lambda _name: bar.update(1), grid_view=grid_view,
         ))
     bar.set_description("demo: SOM detections")
     som = render_som_detections(bundle, views, out, formats=("png",), dpi=100,
-                                interactive=not quick, traces=[r.trace for r in reports])
+                                interactive=True, traces=[r.trace for r in reports])
     bar.update(1)
     bar.close()
     return reports, som, text_lines

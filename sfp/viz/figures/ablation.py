@@ -36,7 +36,7 @@ from sfp.methods.encoders import make_encoder
 from sfp.methods.purify import SFPEncoder
 from sfp.methods.stages import stage_ladder
 from sfp.seg.benchmarks import BENCHMARKS
-from sfp.seg.pipeline import PALETTE, Segmenter
+from sfp.seg.pipeline import Segmenter, class_palette
 from sfp.viz.figures import style
 from sfp.viz.figures.views import CropFigureData, ImageView, image_view
 
@@ -98,7 +98,7 @@ class StageAblationData(CropFigureData):
     def overlay(self, k: int, alpha: float = 0.55) -> np.ndarray:
         """Column k's labels blended over the crop with the VOC palette: (H', W', 3) float."""
         h, w = self.labels.shape[1:]
-        colours = PALETTE[self.labels[k] % 256].astype(np.float32) / 255.0
+        colours = class_palette(self.class_names)[self.labels[k] % 256].astype(np.float32) / 255.0
         return (1 - alpha) * self.image[:h, :w] + alpha * colours
 
 
@@ -262,7 +262,8 @@ def stage_ablation(data: StageAblationData, *, mode: str = "norm",
         # Legend of the classes present in any column, below the figure.
         axes[1, 0].set_axis_off()
         present = sorted({int(c) for c in np.unique(d.labels)})
-        handles = [Patch(facecolor=PALETTE[c % 256] / 255.0, edgecolor="black",
+        pal = class_palette(d.class_names)
+        handles = [Patch(facecolor=pal[c % 256] / 255.0, edgecolor="black",
                          label=d.class_names[c] if c < len(d.class_names) else str(c))
                    for c in present]
         fig.legend(handles=handles, loc="outside lower center", fontsize=8.5, frameon=False,
@@ -289,8 +290,13 @@ def stage_ablation_plotly(data: StageAblationData, *, space: str = "tokens"):
     oy, ox = np.nonzero(d.outliers)
     for j in range(k):
         cos = d.cosine(j, 0).reshape(d.grid)
+        x0, x1 = fig.get_subplot(1, j + 1).xaxis.domain
+        y0 = fig.get_subplot(1, j + 1).yaxis.domain[0]
+        bar = {"orientation": "h", "x": (x0 + x1) / 2, "xanchor": "center", "len": x1 - x0,
+               "y": y0, "yanchor": "top", "thickness": 8, "tickfont": {"size": 9},
+               "title": {"text": "‖h‖₂" if j == 0 else "", "side": "top"}}
         fig.add_trace(go.Heatmap(z=d.norms(j, space), customdata=cos, colorscale="Magma",
-                                 showscale=False,
+                                 showscale=True, colorbar=bar,
                                  hovertemplate="row %{y}, col %{x}<br>norm %{z:.3g}<br>"
                                  "cos to CLIP %{customdata:.2f}<extra></extra>"),
                       row=1, col=j + 1)
@@ -305,7 +311,18 @@ def stage_ablation_plotly(data: StageAblationData, *, space: str = "tokens"):
             fig.update_yaxes(scaleanchor=sp.xaxis.plotly_name.replace("axis", ""),
                              showticklabels=False, row=r, col=c)
             fig.update_xaxes(showticklabels=False, row=r, col=c)
+    pal = class_palette(d.class_names)
+    for c in sorted({int(v) for v in np.unique(d.labels)}):  # the class legend
+        r, g, b = (int(v) for v in pal[c % 256])
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=True,
+                                 name=d.class_names[c] if c < len(d.class_names) else str(c),
+                                 marker={"symbol": "square", "size": 12,
+                                         "color": f"rgb({r},{g},{b})",
+                                         "line": {"color": "black", "width": 1}}),
+                      row=2, col=1)
     gh, gw = d.grid
-    fig.update_layout(width=max(900, 230 * k), height=int(2 * 230 * gh / gw) + 200,
-                      template="plotly_white")
+    fig.update_layout(width=max(900, 230 * k), height=int(2 * 230 * gh / gw) + 260,
+                      template="plotly_white", showlegend=True,
+                      legend={"orientation": "h", "x": 0.5, "xanchor": "center", "y": -0.02,
+                              "yanchor": "top", "title": {"text": "segmentation classes: "}})
     return style.plotly_title(fig, _title(d))

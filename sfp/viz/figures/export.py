@@ -1,21 +1,29 @@
 """Writing figures: PNG/SVG for matplotlib, standalone offline HTML for plotly, index pages.
 
-Interactive pages embed plotly.js itself (``include_plotlyjs=True`` semantics: the library's
-source is inlined once per page), so they open without a network; :func:`external_urls`
+Interactive pages embed plotly.js itself (inlined once per page, gzip-compressed and
+inflated by the browser), so they open without a network; :func:`external_urls`
 lists any script, style sheet or image a page would fetch from the web (there must be none).
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import gzip
 import html
+import io
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
+from PIL import Image
 
+from sfp.core.io import image_tag, save_png
 from sfp.viz.figures.style import figure_style
 
 __all__ = [
@@ -65,12 +73,16 @@ def save_figure(
     stem: str | Path,
     formats: Sequence[str] = ("png", "svg"),
     dpi: int = 150,
+    source: Any = None,
 ) -> list[Path]:
     """Save ``fig`` as ``stem.png``, ``stem.svg``, ... (folders created); returns the paths.
 
-    PNGs are written at ``dpi``; SVGs keep text as text (editable, searchable; the fonts
-    are named, DejaVu Sans first). The figure is not closed (it is not
-    registered with pyplot, so it is freed when no longer referenced).
+    PNGs are written at ``dpi`` through :func:`sfp.core.io.save_png`: they carry the model's
+    text chunks and, for random or synthetic weights, a banner above the figure. source: the
+    bundle or trace the figure shows (None: unknown). SVGs keep text as text (editable,
+    searchable; the fonts are named, DejaVu Sans first) and name the model and its caveat in
+    their description. The figure is not closed (it is not registered with pyplot, so it is
+    freed when no longer referenced).
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +93,17 @@ def save_figure(
             raise ValueError(f"unsupported figure format {fmt!r}; use png, svg or pdf")
         path = stem.with_suffix(f".{fmt}")
         with figure_style():  # rcParams read at save time (svg.fonttype: text stays text)
-            fig.savefig(path, dpi=dpi if fmt == "png" else None, format=fmt,
-                        metadata={"Software": "sfp"} if fmt == "png" else None)
+            if fmt == "png":
+                buf = io.BytesIO()
+                fig.savefig(buf, dpi=dpi, format="png")
+                buf.seek(0)
+                with Image.open(buf) as im:
+                    save_png(im.convert("RGBA"), path, source)
+            else:
+                tag = image_tag(source)
+                desc = "; ".join(f"{k}: {v}" for k, v in tag.items() if k != "Software")
+                meta = {"Description": desc} if desc and fmt == "svg" else None
+                fig.savefig(path, format=fmt, metadata=meta)
         paths.append(path)
     return paths
 
@@ -100,6 +121,8 @@ h3 { font-size: 1.08em; margin-bottom: .3em; }
 .figure img { max-width: 100%; border: 1px solid #eee; }
 .what { background: #f6f8fa; border-left: 4px solid #8aa; padding: .5em .8em; margin: .4em 0; }
 .files { font-size: .9em; color: #555; }
+.sfp-plot { overflow-x: auto; }
+.sfp-plot.pending { background: #fafafa; border: 1px dashed #ddd; }
 table { border-collapse: collapse; font-size: .92em; }
 td, th { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
 th { background: #f0f0f0; }
@@ -185,6 +208,80 @@ def write_html_page(
     return _write_page(path, title, body)
 
 
+def _gzip_b64(text: str) -> str:
+    """``text`` UTF-8 encoded, gzip-compressed (deterministic: no timestamp), base64."""
+    return base64.b64encode(gzip.compress(text.encode("utf-8"), compresslevel=9,
+                                          mtime=0)).decode("ascii")
+
+
+@functools.lru_cache(maxsize=1)
+def _plotlyjs_gz() -> str:
+    """plotly.js, gzip-compressed and base64-encoded (about a third of its 4.7 MB)."""
+    from plotly.offline import get_plotlyjs
+
+    return _gzip_b64(get_plotlyjs())
+
+
+def _compact(obj: Any, images: dict[str, int]) -> Any:
+    """A figure's JSON tree with each embedded image (``data:image/...`` string) replaced by
+    ``"@img:<k>"`` (k indexes ``images``, filled here: one copy per distinct image) and
+    float64 binary arrays stored as float32 (plotly's ``{"dtype", "bdata"}`` encoding)."""
+    if isinstance(obj, dict):
+        if obj.get("dtype") == "f8" and isinstance(obj.get("bdata"), str):
+            arr = np.frombuffer(base64.b64decode(obj["bdata"]), dtype="<f8")
+            return dict(obj, dtype="f4",
+                        bdata=base64.b64encode(arr.astype("<f4").tobytes()).decode("ascii"))
+        return {k: _compact(v, images) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_compact(v, images) for v in obj]
+    if isinstance(obj, str) and obj.startswith("data:image/"):
+        return f"@img:{images.setdefault(obj, len(images))}"
+    return obj
+
+
+# Inflates plotly.js and the figures (gzip + base64, DecompressionStream), puts the images
+# back, and draws each figure when it first comes near the viewport (a fast first paint
+# however many figures the page holds).
+_LOADER = """
+(async () => {
+  const inflate = async (b64) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return await new Response(stream).text();
+  };
+  const read = (id) => document.getElementById(id).textContent.trim();
+  const lib = document.createElement("script");
+  lib.textContent = await inflate(read("sfp-plotlyjs"));
+  document.head.appendChild(lib);
+  const page = JSON.parse(await inflate(read("sfp-figures")));
+  const restore = (o) => {
+    if (typeof o === "string" && o.startsWith("@img:")) return page.images[+o.slice(5)];
+    if (Array.isArray(o)) return o.map(restore);
+    if (o && typeof o === "object") {
+      for (const k of Object.keys(o)) o[k] = restore(o[k]);
+    }
+    return o;
+  };
+  const draw = (div) => {
+    const fig = restore(page.figures[+div.dataset.fig]);
+    div.classList.remove("pending");
+    Plotly.newPlot(div, fig.data, fig.layout || {}, page.config);
+  };
+  const divs = Array.from(document.querySelectorAll("div.sfp-plot"));
+  if ("IntersectionObserver" in window) {
+    const seen = new IntersectionObserver((entries) => {
+      for (const e of entries) {
+        if (e.isIntersecting) { seen.unobserve(e.target); draw(e.target); }
+      }
+    }, { rootMargin: "600px" });
+    divs.forEach((d) => seen.observe(d));
+  } else {
+    divs.forEach(draw);
+  }
+})();
+"""
+
+
 def write_plotly_page(
     path: str | Path,
     figures: Sequence[tuple[str, Any]],
@@ -197,18 +294,30 @@ def write_plotly_page(
     """One standalone HTML page holding several plotly figures, with plotly.js inlined once.
 
     figures: (heading, plotly Figure) pairs; notes: optional text under each heading. Works
-    offline: the page loads nothing from the network.
+    offline: the page loads nothing from the network. To stay a few MB, plotly.js and the
+    figures are stored gzip-compressed (the browser inflates them), each distinct embedded
+    image once and float arrays as float32; figures are drawn as they come into view.
     """
-    from plotly.offline import get_plotlyjs
-
     parts = _heading(title, banner, synthetic)
+    images: dict[str, int] = {}
+    specs = []
     for i, (heading, fig) in enumerate(figures):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if notes is not None and i < len(notes) and notes[i]:
             parts.append(f'<div class="what">{html.escape(notes[i])}</div>')
-        parts.append(
-            fig.to_html(full_html=False, include_plotlyjs=False, config=PLOTLY_CONFIG,
-                        div_id=f"fig{i}")
-        )
-    script = f'<script type="text/javascript">{get_plotlyjs()}</script>\n'
-    return _write_page(path, title, parts, head_extra=script)
+        spec = _compact(json.loads(fig.to_json()), images)
+        specs.append(spec)
+        lay = spec.get("layout", {})
+        size = f"height:{int(lay.get('height') or 450)}px;"
+        if lay.get("width"):
+            size += f"width:{int(lay['width'])}px;"
+        parts.append(f'<div class="sfp-plot pending" id="fig{i}" data-fig="{i}" '
+                     f'style="{size}"></div>')
+    payload = json.dumps({"figures": specs, "images": list(images), "config": PLOTLY_CONFIG},
+                         separators=(",", ":"))
+    parts.append('<script type="application/gzip+base64" id="sfp-plotlyjs">'
+                 f"{_plotlyjs_gz()}</script>")
+    parts.append('<script type="application/gzip+base64" id="sfp-figures">'
+                 f"{_gzip_b64(payload)}</script>")
+    parts.append(f'<script type="text/javascript">{_LOADER}</script>')
+    return _write_page(path, title, parts)

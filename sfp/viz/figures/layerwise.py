@@ -252,12 +252,19 @@ def layerwise_purification_plotly(data: LayerwiseData):
     raw, pur = d.norm_maps()
     fig = make_subplots(rows=2, cols=n, subplot_titles=[f"Layer {lay}" for lay in d.layers],
                         horizontal_spacing=0.01, vertical_spacing=0.04)
+    scale = style.plotly_colorscale(style.OVERLAY_CMAP)  # the static figure's colour map
     for k in range(n):
         lo = float(min(raw[k].min(), pur[k].min()))
         hi = float(max(raw[k].max(), pur[k].max()))
+        x0, x1 = fig.get_subplot(2, k + 1).xaxis.domain
+        bar = {"orientation": "h", "x": (x0 + x1) / 2, "xanchor": "center", "len": x1 - x0,
+               "y": fig.get_subplot(2, k + 1).yaxis.domain[0] - 0.01, "yanchor": "top",
+               "thickness": 8, "tickfont": {"size": 9}, "nticks": 3,
+               "title": {"text": "‖h‖₂" if k == 0 else "", "side": "top"}}
         for r, maps in enumerate((raw, pur), start=1):
-            fig.add_trace(go.Heatmap(z=maps[k], zmin=lo, zmax=hi, colorscale="Jet",
-                                     showscale=False, customdata=d.masks[k].astype(int),
+            fig.add_trace(go.Heatmap(z=maps[k], zmin=lo, zmax=hi, colorscale=scale,
+                                     showscale=r == 2, colorbar=bar,
+                                     customdata=d.masks[k].astype(int),
                                      hovertemplate="row %{y}, col %{x}<br>‖h‖₂ %{z:.3g}"
                                      "<br>flagged: %{customdata}<extra></extra>"),
                           row=r, col=k + 1)
@@ -266,14 +273,21 @@ def layerwise_purification_plotly(data: LayerwiseData):
                              scaleanchor=sp.xaxis.plotly_name.replace("axis", ""),
                              row=r, col=k + 1)
             fig.update_xaxes(showticklabels=False, row=r, col=k + 1)
+    for k in range(n):  # row (b): SOM's flags of that layer, white boxes as in the PNG
+        fy, fx = np.nonzero(d.masks[k])
+        fig.add_trace(go.Scatter(x=fx, y=fy, mode="markers", showlegend=False,
+                                 marker={"symbol": "square-open", "size": 9, "color": "white",
+                                         "line": {"width": 1.5}},
+                                 hovertemplate="flagged by SOM<extra></extra>"),
+                      row=2, col=k + 1)
     fig.update_yaxes(title_text="(a) without SOM", row=1, col=1)
     fig.update_yaxes(title_text="(b) per-layer SOM", row=2, col=1)
     gh, gw = d.grid
     title = style.figure_title(f"Layer-wise purification — {d.name}", paper_ref=PAPER_REF,
                                label=d.label, is_synthetic=d.is_synthetic,
                                layers=_range(d.layers), detail=d.criterion_note or None)
-    fig.update_layout(width=max(900, 150 * n), height=int(2 * 150 * gh / gw) + 190,
-                      template="plotly_white")
+    fig.update_layout(width=max(900, 150 * n), height=int(2 * 150 * gh / gw) + 250,
+                      template="plotly_white", margin={"b": 70})
     return style.plotly_title(fig, title)
 
 

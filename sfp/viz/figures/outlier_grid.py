@@ -35,13 +35,14 @@ With ``layers=(2, 4, 6, 8, 10)`` rows 1, 4/5 and 2/3 are supplement Fig. 1 (a), 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from sfp.core.outliers import FlagCounts
 from sfp.viz.figures import style
 from sfp.viz.figures.views import default_layers, patch_index
 
@@ -87,12 +88,20 @@ class OutlierGridData:
     label: str
     is_synthetic: bool
     as_released: bool = False
+    counts: dict[int, FlagCounts] = field(default_factory=dict)
 
     @property
     def variant_text(self) -> str:
         """Which variant the figure shows (see the module docstring)."""
         return ("as released (outlier_vis.ipynb: class-token row × 1.5)" if self.as_released
                 else "sfp variant")
+
+    def flag_text(self, layer: int, short: bool = True) -> str:
+        """Candidates vs kept at ``layer`` (:class:`sfp.core.outliers.FlagCounts`)."""
+        fc = self.counts.get(layer)
+        if fc is None:
+            return f"{int(self.masks[layer].sum())} flagged"
+        return fc.short if short else fc.text
 
     @property
     def patch_rc(self) -> tuple[int, int]:
@@ -164,7 +173,7 @@ def outlier_grid_data(
     layers = list(layers) if layers is not None else default_layers(trace.num_layers)
     grid = tuple(int(g) for g in trace.grid)
     params = dict(detector_params or {})
-    attention, masks = {}, {}
+    attention, masks, counts = {}, {}, {}
     for layer in layers:
         att = trace.attention(layer)[index]  # (H, T, T)
         if as_released:
@@ -173,6 +182,8 @@ def outlier_grid_data(
             attention[layer] = style.to_numpy(a).astype(np.float32)
             flagged = a[0, 1:] > torch.diagonal(a[1:, 1:])
             masks[layer] = style.to_numpy(flagged).astype(bool).reshape(grid)
+            n_flag = int(flagged.sum())  # no top-k: every patch past the criterion is kept
+            counts[layer] = FlagCounts(passed=n_flag, kept=n_flag, total=int(flagged.numel()))
             continue
         if head == "mean":
             a = att.float().mean(dim=0)
@@ -186,6 +197,7 @@ def outlier_grid_data(
         attention[layer] = style.to_numpy(a).astype(np.float32)
         res = trace.outliers(detector, layer, **params)
         masks[layer] = style.to_numpy(res.mask[index]).astype(bool).reshape(grid)
+        counts[layer] = res.flag_counts(index)
     img = None if image is None else np.clip(style.to_numpy(image), 0, 1).astype(np.float32)
     if img is not None and img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
         img = img.transpose(1, 2, 0)
@@ -202,6 +214,7 @@ def outlier_grid_data(
         label=trace.label,
         is_synthetic=trace.is_synthetic,
         as_released=as_released,
+        counts=counts,
     )
 
 
@@ -272,7 +285,11 @@ def outlier_grid(source: Any, image: Any = None, **kwargs: Any) -> Figure:
             style.add_colorbar(fig, im, col[4], style.ATTENTION_UNIT if j == ncols - 1 else None)
             # 6. mask
             style.show_map(col[5], mask.astype(np.float32), cmap=style.MASK_CMAP, vmin=0, vmax=1)
-            col[5].set_title(f"{int(mask.sum())} flagged (yellow)", fontsize=9)
+            col[5].set_title(f"flagged (yellow): {d.flag_text(layer)}", fontsize=8.5)
+            if d.counts.get(layer) is not None and d.counts[layer].none_above:
+                col[5].text(0.5, 0.5, "no outlier above\nthe criterion", ha="center",
+                            va="center", transform=col[5].transAxes, fontsize=10,
+                            fontweight="bold", color="white")
             # 7. cleaned
             im = style.show_map(col[6], d.patch_map_clean(layer), image=d.image, patch_px=px,
                                 cmap=style.OVERLAY_CMAP)
@@ -297,7 +314,8 @@ def outlier_grid_plotly(source: Any, image: Any = None, **kwargs: Any):
     px = d.patch_px or 1.0
     short = ["patch→patch", "cls attention", "cls over image", "patch ★ attention",
              "patch ★ over image", "outlier mask", "★ w/o outliers"]
-    titles = [f"L{layer}: {short[r]}" for r in range(7) for layer in d.layers]
+    titles = [f"L{layer}: {short[r]}" + (f" ({d.flag_text(layer)})" if r == 5 else "")
+              for r in range(7) for layer in d.layers]
     fig = make_subplots(rows=7, cols=ncols, subplot_titles=titles, horizontal_spacing=0.03,
                         vertical_spacing=0.025)
     prow, pcol = d.patch_rc

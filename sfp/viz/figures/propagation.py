@@ -18,7 +18,7 @@ layer on).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,10 +64,25 @@ class PropagationData:
     image: np.ndarray | None
     label: str
     is_synthetic: bool
+    passed: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def detectors(self) -> list[str]:
         return list(self.counts)
+
+    def flag_counts(self, detector: str, k: int) -> outliers.FlagCounts:
+        """Candidates vs kept of ``detector`` at the k-th layer (index into ``layers``)."""
+        kept = int(self.counts[detector][k])
+        passed = int(self.passed[detector][k]) if detector in self.passed else kept
+        return outliers.FlagCounts(passed=passed, kept=kept, total=self.grid[0] * self.grid[1])
+
+    def cut_detectors(self) -> list[str]:
+        """Detectors whose top-k cut dropped candidates somewhere (passed > kept) while not
+        every patch passed (a detector without a criterion, l2, passes all): the ones whose
+        candidate counts are worth drawing next to the kept ones."""
+        n = self.grid[0] * self.grid[1]
+        return [d for d, p in self.passed.items()
+                if (p > self.counts[d]).any() and not (p >= n).all()]
 
     @property
     def uniform_attention(self) -> float:
@@ -145,6 +160,7 @@ def propagation_data(
         median_norm=style.to_numpy(stats.median_norm[:, index]).astype(float),
         max_cls_attention=cls_max,
         counts={d: style.to_numpy(c[:, index]).astype(int) for d, c in stats.counts.items()},
+        passed={d: style.to_numpy(c[:, index]).astype(int) for d, c in stats.passed.items()},
         masks={d: m.astype(bool) for d, m in masks.items()},
         persistence=persistence,
         norms=norms.astype(np.float32),
@@ -198,14 +214,16 @@ def _count_panel(ax_c: Any, d: PropagationData, x: np.ndarray, det: str) -> None
     for i, (name, counts) in enumerate(d.counts.items()):
         kw = style.detector_line(name, i, len(d.counts))
         dx = kw.pop("dx")
-        ax_c.plot(x + dx, counts, label=name, lw=2.2 if name == det else 1.3, **kw)
-    ax_c.set_ylabel(f"flagged patches (of {n})")
-    ax_c.text(1.0, 1.02, "points offset sideways so equal counts stay visible",
-              transform=ax_c.transAxes, ha="right", va="bottom", fontsize=7.5,
-              color="#666666")
-    ax_c.set_xlabel("layer (output of block l)")
-    ax_c.set_title("(c) outliers flagged per detector", loc="left")
-    ax_c.legend(loc="best", ncols=min(4, len(d.counts)))
+        ax_c.plot(x + dx, counts, label=f"{name} kept", lw=2.2 if name == det else 1.3, **kw)
+    for name in d.cut_detectors():
+        ax_c.plot(x, d.passed[name], color=style.DETECTOR_COLORS.get(name), lw=1.0, ls=":",
+                  marker="x", markersize=4, label=f"{name}: passed its criterion")
+    ax_c.set_ylabel(f"patches (of {n})")
+    ax_c.set_xlabel("layer (output of block l); points offset sideways so equal counts "
+                    "stay visible", fontsize=8.5)
+    ax_c.set_title("(c) flagged (kept) per detector; dotted: passed the criterion",
+                   loc="left")
+    ax_c.legend(loc="center", ncols=3, fontsize=7.5, framealpha=0.85)
     ax_c.set_xticks(x)
     ax_c.set_ylim(bottom=0)
     ax_c.grid(alpha=0.3)
@@ -291,7 +309,7 @@ def norm_maps(source: Any, image: Any = None, *, detector: str | None = None,
     norm = LogNorm(vmin=vmin, vmax=vmax)
     px = None if d.image is None else d.image.shape[0] / gh
     with style.figure_style():
-        fig = style.new_figure(img_w * ncols + 1.3, (img_w * gh / gw + 0.35) * nrows + 1.0)
+        fig = style.new_figure(img_w * ncols + 1.3, (img_w * gh / gw + 0.5) * nrows + 1.2)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         im = None
         for k, ax in enumerate(axes.flat):
@@ -307,14 +325,19 @@ def norm_maps(source: Any, image: Any = None, *, detector: str | None = None,
                 cnt = style.mark_patches(ax, d.masks[detector][k],
                                          patch_px=px if over_image else None, color="cyan",
                                          linewidth=0.9)
-                title += f" · {cnt} flagged"
-            ax.set_title(title, fontsize=9)
+                fc = d.flag_counts(detector, k)
+                title += f"\n{fc.short}" if fc.kept < fc.passed or fc.none_above \
+                    else f"\n{cnt} flagged"
+            ax.set_title(title, fontsize=8.5)
         assert im is not None
         cb = style.add_colorbar(fig, im, axes, style.NORM_UNIT + " (log scale)", shrink=0.8)
         style.set_log_ticks(cb.ax.yaxis, vmin, vmax)
         detail = f"{gh} x {gw} patches, class token excluded"
         if detector is not None:
             detail += f" · {detector}'s flags outlined in cyan"
+            if outliers.get_detector(detector).needs == "attention":
+                detail += (" (from block l's attention, which reads block l-1's output: it "
+                           "reacts one layer after the norms)")
         fig.suptitle(style.wrap_title(style.figure_title(
             "Patch-token norm maps per layer", paper_ref=PAPER_REF, label=d.label,
             is_synthetic=d.is_synthetic, layers=_layer_range(d.layers), detail=detail), 110))
@@ -347,8 +370,13 @@ def propagation_plotly(source: Any, image: Any = None, *, detector: str | None =
                              mode="lines", line={"color": "#777777", "dash": "dash"}),
                   row=2, col=1)
     for name, counts in d.counts.items():
-        fig.add_trace(go.Scatter(x=x, y=counts, name=f"{name} flags", mode="lines+markers",
+        fig.add_trace(go.Scatter(x=x, y=counts, name=f"{name} kept", mode="lines+markers",
                                  line={"color": style.DETECTOR_COLORS.get(name)}), row=3, col=1)
+    for name in d.cut_detectors():
+        fig.add_trace(go.Scatter(x=x, y=d.passed[name], name=f"{name}: passed its criterion",
+                                 mode="lines+markers", marker={"symbol": "x"},
+                                 line={"color": style.DETECTOR_COLORS.get(name),
+                                       "dash": "dot", "width": 1}), row=3, col=1)
     fig.add_trace(go.Heatmap(z=d.persistence[det], x=[str(v) for v in x],
                              y=[str(v) for v in x], zmin=0, zmax=1, colorscale="Reds",
                              colorbar={"title": "fraction<br>still flagged", "x": 1.02},

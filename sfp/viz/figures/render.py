@@ -154,7 +154,8 @@ class _Renderer:
     tick: Callable[[str], None]
 
     def add(self, key: str, fig: Any, text: str, plotly_fig: Any) -> None:
-        files = save_figure(fig, self.out / key, formats=self.formats, dpi=self.dpi)
+        files = save_figure(fig, self.out / key, formats=self.formats, dpi=self.dpi,
+                            source=self.rep.trace)
         self.rep.figures.append(FigureResult(key, FAMILIES[key][0] + f" ({FAMILIES[key][1]})",
                                              text, files, plotly_fig))
         self.tick(key)
@@ -169,7 +170,8 @@ class _Renderer:
                                image if released else self.rep.view.rgb, layers=layers,
                                detector=detector, head=head, patch=patch,
                                as_released=released)
-        counts = ", ".join(f"layer {lay}: {int(og.masks[lay].sum())}" for lay in og.layers)
+        counts = "; ".join(f"layer {lay}: {og.flag_text(lay, short=False)}"
+                           for lay in og.layers)
         variant = ("As released (outlier_vis.ipynb): the image squashed to a square, the "
                    "head-mean attention with the class token's row scaled by 1.5, every patch "
                    "with 1.5 A[cls, i] > A[i, i] flagged (no top-k). " if released else
@@ -180,9 +182,12 @@ class _Renderer:
                  "attention; bright vertical bands are keys that every patch attends to — the "
                  "outliers. Rows 2–5: the class token and the selected patch ★ put their "
                  "attention on those same few patches (white boxes: flagged by "
-                 f"{og.detector_text}; {counts}). Bottom row: the selected patch's attention "
-                 "with the flagged patches removed — what is left is its attention to its "
-                 "neighbourhood and to related regions.",
+                 f"{og.detector_text}; {counts}). A top-k detector always keeps up to k "
+                 "patches: where many pass its criterion, the kept ones need not be outliers. "
+                 "Layer l's attention is computed from the output of block l - 1, so it "
+                 "reacts one layer after the norms (output of block l) jump. Bottom row: the "
+                 "selected patch's attention with the flagged patches removed — what is left "
+                 "is its attention to its neighbourhood and to related regions.",
                  self._plotly(outlier_grid_plotly, og))
 
     def propagation(self, detector: str) -> None:
@@ -278,7 +283,7 @@ def render_som_detections(
     ``traces`` are not used)."""
     d = data if data is not None else lw_mod.som_detections_data(bundle, views, traces=traces)
     files = save_figure(lw_mod.som_detections(d), Path(out_dir) / "som_detections",
-                        formats=formats, dpi=dpi)
+                        formats=formats, dpi=dpi, source=bundle)
     counts = ", ".join(f"{n}: {int(m.sum())}" for n, m in zip(d.names, d.masks, strict=True))
     text = (f"SOM's criterion (paper eq. 4: class-token attention above self-attention, no "
             f"top-k) at layer {d.layer}, on each image. It adapts the number of outliers to "

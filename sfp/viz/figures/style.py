@@ -46,6 +46,7 @@ __all__ = [
     "model_tag",
     "new_figure",
     "pca_rgb",
+    "plotly_colorscale",
     "plotly_image",
     "plotly_title",
     "show_map",
@@ -388,13 +389,28 @@ def plotly_image(rgb: np.ndarray, quality: int = 88) -> Any:
     return go.Image(source=uri, hoverinfo="skip")
 
 
+def plotly_colorscale(cmap: str | Colormap, n: int = 11) -> list[list[Any]]:
+    """A matplotlib colour map as a plotly colour scale (``n`` stops), so the static and the
+    interactive version of a figure use the same colours."""
+    cm = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
+    stops = np.linspace(0.0, 1.0, n)
+    return [[float(t), "rgb({},{},{})".format(*(int(round(255 * v)) for v in cm(t)[:3]))]
+            for t in stops]
+
+
 def plotly_title(fig: Any, text: str) -> Any:
-    """Give a plotly figure ``text`` (newlines allowed) as its title, with a top margin that
-    fits it so it never overlaps the subplot titles; returns the figure."""
+    """Give a plotly figure ``text`` (newlines allowed) as its title, wrapped to the figure's
+    width, below plotly's tool bar, with a top margin that fits it so it never overlaps the
+    subplot titles; returns the figure."""
+    width = fig.layout.width or 900
+    keep = SYNTHETIC_TAG.replace(" ", "\0")  # the caveat is never split over two lines
+    text = wrap_title(text.replace(SYNTHETIC_TAG, keep), max(40, int(width / 7.5)))
+    text = text.replace("\0", " ")  # (14 px font: no line wider than the figure)
     lines = text.count("\n") + 1
-    fig.update_layout(
+    fig.update_layout(  # below plotly's tool bar (about 30 px at the top right)
         title={"text": text.replace("\n", "<br>"), "x": 0.5, "xanchor": "center",
-               "y": 0.99, "yanchor": "top", "font": {"size": 14}},
-        margin={"t": 40 + 21 * lines},
+               "y": 1.0, "yref": "container", "yanchor": "top", "pad": {"t": 46},
+               "font": {"size": 14}},
+        margin={"t": 70 + 21 * lines},
     )
     return fig

@@ -14,7 +14,7 @@ Anything computed from :mod:`sfp.models.synthetic` is labelled "synthetic (plant
 See ``docs/widgets.md``.
 """
 
-from sfp.viz.widgets._common import SYNTHETIC_LABEL, SFPWidget
+from sfp.viz.widgets._common import SYNTHETIC_LABEL, SFPWidget, describe_source
 from sfp.viz.widgets.explorer import MAPS, OutlierExplorer
 from sfp.viz.widgets.propagation import PropagationView
 from sfp.viz.widgets.stages import StageComparison
@@ -28,4 +28,5 @@ __all__ = [
     "SFPWidget",
     "StageComparison",
     "ThresholdTuner",
+    "describe_source",
 ]

@@ -169,12 +169,13 @@ def patch_at(
 # Segmentation colours
 # --------------------------------------------------------------------------------------------
 
-def label_colors(n: int) -> np.ndarray:
-    """``(n, 3)`` uint8 colours of classes 0..n-1: :data:`sfp.seg.pipeline.PALETTE` (as
-    ``Segmentation.overlay`` uses), so widgets and saved overlays agree."""
-    from sfp.seg.pipeline import PALETTE
+def label_colors(n: int, class_names: Sequence[str] | None = None) -> np.ndarray:
+    """``(n, 3)`` uint8 colours of classes 0..n-1: :func:`sfp.seg.pipeline.class_palette` of
+    the class list (as ``Segmentation.overlay`` uses), so widgets and saved overlays agree;
+    black only for a "background" class 0."""
+    from sfp.seg.pipeline import class_palette
 
-    return np.asarray(PALETTE[np.arange(n) % 256], dtype=np.uint8)
+    return np.asarray(class_palette(class_names)[np.arange(n) % 256], dtype=np.uint8)
 
 
 def colorize_labels(

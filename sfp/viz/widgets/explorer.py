@@ -28,6 +28,7 @@ import torch
 
 from sfp.core.outliers import (
     DETECTORS,
+    FlagCounts,
     MissingInputError,
     OutlierResult,
     available_detectors,
@@ -142,7 +143,7 @@ class OutlierExplorer(SFPWidget):
         controls = widgets.VBox(
             [self.layer_slider, self.head_dropdown, self.map_dropdown, self.detector_dropdown,
              self.param_box, self.show_flags_checkbox, self.log_checkbox, self.opacity_slider],
-            layout=widgets.Layout(width="340px"),
+            layout=widgets.Layout(width="390px"),
         )
         self.children = [title, widgets.HBox([controls, self.figure]), self.status]
         self.add_class("sfp-outlier-explorer")
@@ -178,8 +179,9 @@ class OutlierExplorer(SFPWidget):
         maps = [k for k in MAPS if self.has_attention or k not in _ATTENTION_MAPS]
         if map not in maps:
             raise ValueError(f"map must be one of {maps} for this trace, got {map!r}")
-        self.map_dropdown = widgets.Dropdown(
-            options=[(MAPS[k], k) for k in maps], value=map, description="map"
+        self.map_dropdown = widgets.Dropdown(  # the column's width: no entry is cut
+            options=[(MAPS[k], k) for k in maps], value=map, description="map",
+            layout=widgets.Layout(width="100%"),
         )
         usable = [d for d in available_detectors() if self._detector_usable(d)]
         if detector not in usable:
@@ -251,6 +253,11 @@ class OutlierExplorer(SFPWidget):
             return np.zeros(n, dtype=bool)
         return result.mask[self.index].cpu().numpy().astype(bool)
 
+    def current_flag_counts(self) -> FlagCounts | None:
+        """Candidates that passed the detector's criterion vs kept flags, current layer."""
+        result = self.current_result()
+        return None if result is None else result.flag_counts(self.index)
+
     def _per_head(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, ...) -> (B, ...): the selected head, or the mean over heads."""
         return x.mean(1) if self.head is None else x[:, self.head]
@@ -297,7 +304,10 @@ class OutlierExplorer(SFPWidget):
             z=np.zeros((gh, gw)), x0=pw / 2, dx=pw, y0=ph / 2, dy=ph, name="map", meta="map",
             colorscale="Inferno", customdata=idx, opacity=self.opacity_slider.value,
             hovertemplate="patch %{customdata}<br>value %{z:.4g}<extra></extra>",
-            colorbar={"thickness": 12, "len": 0.9},
+            # A fixed place and label format: a colour bar whose labels grow would push the
+            # margin and shrink the image, leaving a strip under it.
+            colorbar={"thickness": 12, "len": 0.9, "x": 1.0, "xanchor": "left", "xpad": 6,
+                      "tickformat": ".3~g"},
         ))
         marker_size = max(6, min(22, int(0.55 * size / max(gh, gw))))
         data.append(go.Scatter(
@@ -324,7 +334,8 @@ class OutlierExplorer(SFPWidget):
         fig = go.Figure(data=data)
         fig.update_layout(
             width=size + 120, height=int(size * h / w) + 90,
-            margin={"l": 10, "r": 10, "t": 50, "b": 10},
+            margin={"l": 10, "r": 110, "t": 50, "b": 10, "autoexpand": False},
+            plot_bgcolor="white",
             legend={"orientation": "h", "y": -0.02, "yanchor": "top"},
             xaxis={"range": [0, w]}, yaxis={"range": [h, 0]},
             clickmode="event", dragmode=False,
@@ -349,7 +360,7 @@ class OutlierExplorer(SFPWidget):
         flagged = np.flatnonzero(mask)
         fx, fy = patch_centers(flagged, self.grid, self.patch_px)
         show_flags = self.show_flags_checkbox.value
-        title = self._title(flagged.size)
+        title = self._title(self.current_flag_counts())
         with self.figure.batch_update():
             self.heatmap.z = shown
             self.heatmap.opacity = self.opacity_slider.value
@@ -372,7 +383,7 @@ class OutlierExplorer(SFPWidget):
         self.selection_marker.x, self.selection_marker.y = sx, sy
         self.selection_marker.customdata = [p]
 
-    def _title(self, n_flagged: int) -> str:
+    def _title(self, counts: FlagCounts | None) -> str:
         key = self.map_dropdown.value
         head = "" if key in ("norm", "score") else (
             ", mean over heads" if self.head is None else f", head {self.head}"
@@ -384,7 +395,7 @@ class OutlierExplorer(SFPWidget):
             what += f" {self.selected_patch}"
         return (
             f"{describe_source(self.trace)}<br><sup>layer {self.layer}: {what}{head} · "
-            f"{n_flagged} flagged by {self.detector_dropdown.value}</sup>"
+            f"{self.detector_dropdown.value}: {counts.short if counts else 'nothing'}</sup>"
         )
 
     def _status_html(self, mask: np.ndarray) -> str:
@@ -392,8 +403,15 @@ class OutlierExplorer(SFPWidget):
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in self.detector_params().items())
         flagged = np.flatnonzero(mask).tolist()
-        parts = [f"<b>{det}</b>({params}) at layer {self.layer}: {len(flagged)} flagged "
-                 f"{flagged}"]
+        fc = self.current_flag_counts()
+        if fc is not None and fc.none_above:
+            counted = "<b style='color:#b00'>no outlier above the criterion</b>"
+        else:
+            counted = (fc.text if fc is not None else f"{len(flagged)} flagged") + f" {flagged}"
+        parts = [f"<b>{det}</b>({params}) at layer {self.layer}: {counted}"]
+        if get_detector(det).needs == "attention":
+            parts.append(f"(layer {self.layer}'s attention is computed from the output of "
+                         f"block {self.layer - 1}: it reacts one layer after the norms jump)")
         if self.last_error:
             parts.append(f"<span style='color:#b00'>{html_escape(self.last_error)}</span>")
         if self.truth is not None:

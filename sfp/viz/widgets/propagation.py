@@ -38,6 +38,12 @@ __all__ = ["PropagationView"]
 
 _MAPS = {"norm": "token norm ‖h‖", "cls": "class-token attention (mean over heads)"}
 _DETECTOR_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+#: (dash, marker, width) per detector position: lines that lie on top of each other (l2 and
+#: lof both flag 10 per layer) stay visible, the wider ones drawn first.
+_DETECTOR_LINES = (("solid", "circle", 4.0), ("dash", "square", 3.0), ("dot", "triangle-up", 2.2),
+                   ("dashdot", "diamond", 1.6), ("longdash", "x", 1.4), ("solid", "cross", 1.2))
+#: One legend per subplot row (plotly's legend, legend2, ...), beside its row.
+_LEGEND_Y = {1: 1.0, 2: 0.66, 3: 0.33}
 _SELECT_COLOR = "#e6ab02"
 
 
@@ -177,30 +183,43 @@ class PropagationView(SFPWidget):
         x = self.layers
         st, b = self.stats, self.index
         fig.add_trace(go.Scatter(x=x, y=st.max_norm[:, b].cpu().numpy(), name="max norm",
-                                 meta="max_norm", mode="lines+markers",
+                                 meta="max_norm", mode="lines+markers", legend="legend",
                                  line={"color": "#444"}), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=st.median_norm[:, b].cpu().numpy(), name="median norm",
-                                 meta="median_norm", mode="lines",
+                                 meta="median_norm", mode="lines", legend="legend",
                                  line={"color": "#999", "dash": "dot"}), row=1, col=1)
         if self._cls is not None:
             fig.add_trace(go.Scatter(x=x, y=self._cls.max(1), name="max cls attention",
-                                     meta="max_cls", mode="lines+markers",
+                                     meta="max_cls", mode="lines+markers", legend="legend2",
                                      line={"color": "#444"}), row=2, col=1)
             fig.add_trace(go.Scatter(x=x, y=np.median(self._cls, 1), name="median cls attn.",
-                                     meta="median_cls", mode="lines",
+                                     meta="median_cls", mode="lines", legend="legend2",
                                      line={"color": "#999", "dash": "dot"}), row=2, col=1)
+        n = self.grid[0] * self.grid[1]
         for i, d in enumerate(self.detectors):
             color = _DETECTOR_COLORS[i % len(_DETECTOR_COLORS)]
-            fig.add_trace(go.Scatter(x=x, y=st.counts[d][:, b].cpu().numpy(), name=f"{d} count",
-                                     meta=f"count_{d}", mode="lines+markers",
-                                     line={"color": color}), row=3, col=1)
+            dash, symbol, width = _DETECTOR_LINES[i % len(_DETECTOR_LINES)]
+            fig.add_trace(go.Scatter(x=x, y=st.counts[d][:, b].cpu().numpy(), name=f"{d} kept",
+                                     meta=f"count_{d}", mode="lines+markers", legend="legend3",
+                                     line={"color": color, "dash": dash, "width": width},
+                                     marker={"symbol": symbol, "size": 5 + width}),
+                          row=3, col=1)
+            passed = st.passed.get(d)
+            if passed is not None and (passed[:, b] > st.counts[d][:, b]).any() \
+                    and not (passed[:, b] >= n).all():
+                fig.add_trace(go.Scatter(x=x, y=passed[:, b].cpu().numpy(), legend="legend3",
+                                         name=f"{d}: passed its criterion",
+                                         meta=f"count_passed_{d}", mode="lines+markers",
+                                         line={"color": color, "dash": "dot", "width": 1},
+                                         marker={"symbol": "x-thin-open", "size": 6}),
+                              row=3, col=1)
             fig.add_trace(go.Scatter(x=[], y=[], name=f"flagged by {d}", meta=f"flag_{d}",
                                      mode="markers", showlegend=False,
                                      marker={"symbol": "square", "size": 10, "color": color}),
                           row=4, col=1)
         sel = {"color": _SELECT_COLOR, "width": 3}
         fig.add_trace(go.Scatter(x=[], y=[], name="selected token", meta="sel_norm",
-                                 mode="lines+markers", line=sel), row=1, col=1)
+                                 mode="lines+markers", line=sel, legend="legend"), row=1, col=1)
         fig.add_trace(go.Scatter(x=[], y=[], name="selected token (cls attn.)", meta="sel_cls",
                                  mode="lines+markers", line=sel, showlegend=False),
                       row=2, col=1)
@@ -208,8 +227,8 @@ class PropagationView(SFPWidget):
                          categoryarray=list(self.detectors), row=4, col=1)
         fig.update_xaxes(title_text="layer (output of block l)", dtick=1, row=rows, col=1)
         fig.update_layout(
-            width=560, height=640, margin={"l": 50, "r": 10, "t": 40, "b": 40},
-            legend={"font": {"size": 10}},
+            width=700, height=640, margin={"l": 50, "r": 10, "t": 40, "b": 40},
+            **_row_legends(),
             shapes=[{"type": "line", "xref": "x", "yref": "paper", "x0": 0, "x1": 0,
                      "y0": 0, "y1": 1, "line": {"dash": "dash", "color": "#888", "width": 1}}],
         )
@@ -308,7 +327,16 @@ class PropagationView(SFPWidget):
 
     def _status_html(self, flagged: np.ndarray) -> str:
         det = self.mark_dropdown.value
-        parts = [f"layer {self.layer}: {len(flagged)} flagged by {det} {flagged.tolist()}"]
+        if det in self.stats.masks:
+            fc = self.stats.flag_counts(det, self.layer, self.index)
+            counted = ("no outlier above the criterion" if fc.none_above
+                       else f"{fc.text} {flagged.tolist()}")
+            parts = [f"layer {self.layer}, {det}: {counted}"]
+            if get_detector(det).needs == "attention":
+                parts.append(f"(layer {self.layer}'s attention is computed from the output of "
+                             f"block {self.layer - 1}: it reacts one layer after the norms)")
+        else:
+            parts = [f"layer {self.layer}: {len(flagged)} flagged by {det} {flagged.tolist()}"]
         t = self.selected_token
         if t is not None:
             vals = self.token_curves(t)
@@ -378,10 +406,18 @@ class PropagationView(SFPWidget):
         fig.layout.yaxis2.update(showticklabels=False, showgrid=False, zeroline=False,
                                  range=[self.image_size[0], 0], scaleanchor="x2")
         fig.update_layout(
-            width=1000, height=640,
+            width=1000, height=640, **_row_legends(x=0.56),
             title=f"{describe_source(self.trace)} — layer {self.layer}",
             shapes=[{"type": "line", "xref": "x", "yref": "paper", "x0": self.layer,
                      "x1": self.layer, "y0": 0, "y1": 1,
                      "line": {"dash": "dash", "color": "#888", "width": 1}}],
         )
         return fig
+
+
+def _row_legends(x: float = 1.02) -> dict[str, Any]:
+    """Layout entries of one legend per curve row (norms, class attention, counts), each
+    beside its own subplot, so entries of different subplots are not merged."""
+    return {("legend" if r == 1 else f"legend{r}"): {
+        "x": x, "xanchor": "left", "y": y, "yanchor": "top", "font": {"size": 10},
+        "bgcolor": "rgba(255,255,255,0.8)"} for r, y in _LEGEND_Y.items()}

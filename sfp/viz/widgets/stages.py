@@ -82,7 +82,10 @@ class StageComparison(SFPWidget):
         settings: segmentation settings (default :data:`~sfp.viz.widgets._common.WIDGET_SETTINGS`:
             the released protocol with a 224 px short side); ``**overrides`` change single
             fields (``short_side=336``, ``logit_scale=50``, ...).
-        panel_size: width of one panel in screen pixels.
+        panel_size: width of one panel in screen pixels (at most; panels shrink so that
+            ``max_width`` holds two of them).
+        max_width: screen pixels the figure may take (JupyterLab's output area is about
+            1068 px wide): panels wrap onto further rows instead of overflowing it.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class StageComparison(SFPWidget):
         templates: Any = "simple",
         settings: Settings | None = None,
         panel_size: int = 240,
+        max_width: int = 1040,
         **overrides: Any,
     ) -> None:
         super().__init__()
@@ -111,6 +115,7 @@ class StageComparison(SFPWidget):
         self.image = load_image(image)  # (3, H, W) in [0, 1]
         self.image_rgb = (self.image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
         self.panel_size = int(panel_size)
+        self.max_width = int(max_width)
         self.segmentations: dict[str, Segmentation] = {}
         self.timings: dict[str, float] = {}
         self._segmenters: dict[str, Segmenter] = {}
@@ -198,6 +203,19 @@ class StageComparison(SFPWidget):
         return pts, (p * sy, p * sx)
 
     # ------------------------------------------------------------------ drawing
+    def grid_shape(self, n: int) -> tuple[int, int, int]:
+        """(rows, columns, panel width in px) for ``n`` panels within ``max_width``: one row
+        while ``n`` panels of ``panel_size`` fit, else as many columns as fit (panels shrunk
+        to at least half of ``panel_size`` first), then further rows."""
+        usable = max(1, self.max_width - 20)
+        if n * self.panel_size <= usable:
+            return 1, max(n, 1), self.panel_size
+        panel = max(self.panel_size // 2, usable // max(n, 1))
+        cols = max(1, min(n, usable // panel))
+        if cols < n:  # wrapping anyway: keep the panels as large as the columns allow
+            panel = min(self.panel_size, usable // cols)
+        return -(-n // cols), cols, panel
+
     def _rebuild(self) -> None:
         """Recreate the figure for the current panel list."""
         names = self.panels
@@ -205,10 +223,14 @@ class StageComparison(SFPWidget):
             self.segmentation(name)
         n = len(names)
         h0, w0 = self.image_rgb.shape[:2]
-        fig = make_subplots(rows=1, cols=n, subplot_titles=names, horizontal_spacing=0.01)
+        rows, cols, panel = self.grid_shape(n)
+        fig = make_subplots(rows=rows, cols=cols, subplot_titles=names,
+                            horizontal_spacing=0.01, vertical_spacing=0.08 if rows > 1 else 0)
         for i, name in enumerate(names, start=1):
+            row, col = divmod(i - 1, cols)
+            row, col = row + 1, col + 1
             fig.add_trace(go.Image(source="", name=name, meta=f"image:{name}",
-                                   hoverinfo="skip"), row=1, col=i)
+                                   hoverinfo="skip"), row=row, col=col)
             mitigated = self.spec(name)[0] == "sfp" and bool(
                 getattr(self.spec(name)[1], "som", False))
             fig.add_trace(go.Scatter(
@@ -221,10 +243,10 @@ class StageComparison(SFPWidget):
                         {"symbol": "circle-open", "size": 10, "color": "#ff2d2d",
                          "line": {"width": 2, "color": "#ff2d2d"}}),
                 hovertemplate="flagged patch<extra></extra>",
-            ), row=1, col=i)
+            ), row=row, col=col)
             fixed_image_axes(fig, i, h0, w0)
-        width = self.panel_size * n + 20
-        fig.update_layout(width=width, height=int(self.panel_size * h0 / w0) + 110,
+        width = panel * cols + 20
+        fig.update_layout(width=width, height=rows * (int(panel * h0 / w0) + 40) + 70,
                           margin={"l": 10, "r": 10, "t": 70, "b": 10},
                           title={"text": describe_source(self.bundle), "font": {"size": 13}},
                           dragmode=False)
@@ -237,7 +259,9 @@ class StageComparison(SFPWidget):
     def refresh(self) -> None:
         """Redraw overlays and outlier marks (no recomputation)."""
         names = self.panels
-        colors = label_colors(max(s.num_classes for s in self.segmentations.values()))
+        first = next(iter(self.segmentations.values()))
+        colors = label_colors(max(s.num_classes for s in self.segmentations.values()),
+                              first.class_names)
         alpha = self.opacity_slider.value
         show = self.show_outliers_checkbox.value
         by_meta = {t.meta: t for t in self.figure.data}

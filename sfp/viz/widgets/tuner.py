@@ -26,6 +26,7 @@ what the last change cost.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -139,8 +140,10 @@ class ThresholdTuner(SFPWidget):
 
         self._make_sliders()
         self.copy_button = widgets.Button(description="copy config", icon="copy",
-                                          tooltip="print the SFPConfig / Segmenter call")
-        self.code_output = widgets.Output()
+                                          tooltip="show the SFPConfig / Segmenter call")
+        self.code_text = widgets.Textarea(
+            value="", description="", placeholder="press 'copy config'",
+            layout=widgets.Layout(width="100%", height="8em", display="none"))
         self.status = widgets.HTML()
         self.legend = widgets.HTML()
 
@@ -194,7 +197,7 @@ class ThresholdTuner(SFPWidget):
                                  self.logit_scale_slider, self.prob_thd_slider,
                                  self.area_thd_slider, self.copy_button])
         return [title, widgets.HBox([enc_box, post_box]), self.figure, self.legend,
-                self.status, self.code_output]
+                self.status, self.code_text]
 
     # ------------------------------------------------------------------ settings
     def _check_masks(self, masks: Any) -> list[np.ndarray] | None:
@@ -223,16 +226,16 @@ class ThresholdTuner(SFPWidget):
         return self.base_config.replace(
             detector=self.detector_dropdown.value,
             top_k=None if top_k == 0 else top_k,
-            cls_scale=float(self.cls_scale_slider.value),
-            sim_threshold=float(self.sim_threshold_slider.value),
-            res_cls=float(self.res_cls_slider.value),
+            cls_scale=_on_step(self.cls_scale_slider),
+            sim_threshold=_on_step(self.sim_threshold_slider),
+            res_cls=_on_step(self.res_cls_slider),
         )
 
     def post_params(self) -> dict[str, Any]:
         """``logit_scale``, ``prob_thd``, ``area_thd`` (None when 0) from the sliders."""
-        area = float(self.area_thd_slider.value)
-        return {"logit_scale": float(self.logit_scale_slider.value),
-                "prob_thd": float(self.prob_thd_slider.value),
+        area = _on_step(self.area_thd_slider)
+        return {"logit_scale": _on_step(self.logit_scale_slider),
+                "prob_thd": _on_step(self.prob_thd_slider),
                 "area_thd": None if area == 0 else area}
 
     @property
@@ -329,7 +332,7 @@ class ThresholdTuner(SFPWidget):
 
     def _draw(self) -> None:
         c = self.segmentations[0].num_classes
-        colors = label_colors(c)
+        colors = label_colors(c, self.segmentations[0].class_names)
         present: set[int] = set(self._gt_present)
         with self.figure.batch_update():
             for i, seg in enumerate(self.segmentations):
@@ -434,11 +437,11 @@ class ThresholdTuner(SFPWidget):
         )
 
     def print_config(self) -> str:
-        """Print :meth:`config_code` into the widget's output area (the copy button)."""
+        """Put :meth:`config_code` into the widget's text field, ready to copy (the copy
+        button); returns it."""
         code = self.config_code()
-        self.code_output.clear_output()
-        with self.code_output:
-            print(code)
+        self.code_text.value = code
+        self.code_text.layout.display = ""
         return code
 
     # ------------------------------------------------------------------ export
@@ -448,3 +451,11 @@ class ThresholdTuner(SFPWidget):
     def to_figure(self) -> go.Figure:
         """The current segmentations as a static ``go.Figure``."""
         return static_copy(self.figure)
+
+
+def _on_step(slider: Any) -> float:
+    """A float slider's value rounded to the decimals of its step (sliders produce values
+    such as 41.00000000000001)."""
+    step = float(getattr(slider, "step", 0) or 0)
+    decimals = max(0, -int(math.floor(math.log10(step)))) + 1 if 0 < step < 1 else 2
+    return round(float(slider.value), decimals)

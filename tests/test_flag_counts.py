@@ -1,0 +1,127 @@
+"""Candidates vs kept flags (FlagCounts): by hand and against the planted model's truth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfp.core.outliers import FlagCounts, l2, layer_statistics, lof, norm_z, som
+
+
+def _attention(r: list[float], s: list[float]) -> torch.Tensor:
+    """(1, 1, T, T) attention with class->patch row ``r`` and patch self-attention ``s``."""
+    n = len(r)
+    a = torch.zeros(1, 1, n + 1, n + 1)
+    a[0, 0, 0, 1:] = torch.tensor(r)
+    a[0, 0, 0, 0] = 1 - sum(r)
+    for i, v in enumerate(s):
+        a[0, 0, 1 + i, 1 + i] = v
+        a[0, 0, 1 + i, 0] = 1 - v
+    return a
+
+
+def test_som_candidates_and_kept_by_hand() -> None:
+    # 1.5 r > s for patches 0, 1, 3, 4 (0.15 > 0.1, 0.3 > 0.2, 0.45 > 0.1, 0.06 > 0.05);
+    # patch 2: 0.015 < 0.5. top_k=2 keeps the two largest r among them: patches 3 and 1.
+    a = _attention([0.1, 0.2, 0.01, 0.3, 0.04], [0.1, 0.2, 0.5, 0.1, 0.05])
+    res = som(a, top_k=2)
+    assert res.candidates[0].tolist() == [True, True, False, True, True]
+    assert res.mask[0].tolist() == [False, True, False, True, False]
+    fc = res.flag_counts()
+    assert (fc.passed, fc.kept, fc.total) == (4, 2, 5)
+    assert fc.text == "2 kept of 4 above the criterion (top-k)"
+    assert som(a, top_k=None).flag_counts().text == "4 above the criterion, all kept"
+
+
+def test_som_with_no_candidate_says_so() -> None:
+    a = _attention([0.01, 0.01, 0.01], [0.5, 0.5, 0.5])
+    fc = som(a).flag_counts()
+    assert (fc.passed, fc.kept) == (0, 0) and fc.none_above
+    assert fc.text == "no outlier above the criterion"
+    assert fc.short == "no outlier above the criterion"
+
+
+def test_l2_has_no_criterion_every_patch_passes() -> None:
+    h = torch.zeros(1, 1 + 6, 4)
+    h[0, 1:, 0] = torch.arange(6.0)
+    fc = l2(h, top_k=2).flag_counts()
+    assert (fc.passed, fc.kept, fc.total) == (6, 2, 6)
+    assert "every patch passes the criterion" in fc.text
+
+
+def test_threshold_detectors_keep_every_candidate() -> None:
+    h = torch.ones(1, 1 + 40, 3)
+    h[0, 5] *= 30.0  # one huge-norm patch (index 4)
+    for res in (norm_z(h), lof(h, n_neighbors=5)):
+        fc = res.flag_counts()
+        assert fc.passed == fc.kept == int(res.mask.sum())
+    assert norm_z(h).mask[0].nonzero().flatten().tolist() == [4]
+
+
+def test_flag_counts_texts() -> None:
+    assert FlagCounts(3, 3, 196).short == "3 pass, all kept"
+    assert FlagCounts(37, 10, 196).short == "10 kept / 37 pass"
+
+
+@pytest.fixture(scope="module")
+def planted_s16():
+    from sfp.core.io import normalize
+    from sfp.core.probe import record
+    from sfp.models.synthetic import planted_model, synthetic_scene
+
+    bundle, truth = planted_model("ViT-S-16", seed=0)
+    x = normalize(synthetic_scene(0), bundle)[None]
+    return record(bundle, x), truth.mask(x).flatten(1)[0], truth.onset_layer
+
+
+def test_som_counts_against_the_planted_truth(planted_s16) -> None:
+    trace, planted, onset = planted_s16
+    stats = layer_statistics(trace, trace.layers, ("som",))
+    n_planted = int(planted.sum())
+    for i, layer in enumerate(stats.layers):
+        fc = stats.flag_counts("som", layer)
+        hits = int((stats.masks["som"][i, 0] & planted).sum())
+        if layer <= onset:
+            # Before the attention reacts (block l's attention reads block l-1's output) most
+            # patches pass the criterion; top-k keeps 10 that are not the planted ones.
+            assert fc.passed > 100 and fc.kept == 10 and hits == 0
+        else:
+            assert fc.passed == fc.kept == hits == n_planted
+
+
+def _passed_by_hand(trace, layer: int, cls_scale: float) -> int:
+    a = trace.attention(layer)[0].double().mean(0)  # (T, T) head mean
+    return int((cls_scale * a[0, 1:] > torch.diagonal(a)[1:]).sum())
+
+
+def test_outlier_grid_shows_candidates_kept_and_none(planted_s16) -> None:
+    from sfp.viz.figures import outlier_grid, outlier_grid_data
+
+    trace, _, onset = planted_s16
+    d = outlier_grid_data(trace, layers=[onset, onset + 1])
+    n = _passed_by_hand(trace, onset, 1.5)
+    assert n > 10
+    assert d.flag_text(onset) == f"10 kept / {n} pass"
+    assert d.flag_text(onset + 1) == "10 pass, all kept"
+    fig = outlier_grid(d)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert f"flagged (yellow): 10 kept / {n} pass" in titles
+    none = outlier_grid_data(trace, layers=[2], detector_params={"cls_scale": 0.05})
+    assert _passed_by_hand(trace, 2, 0.05) == 0
+    assert none.flag_text(2) == "no outlier above the criterion"
+    texts = [t.get_text() for ax in outlier_grid(none).axes for t in ax.texts]
+    assert "no outlier above\nthe criterion" in texts
+
+
+def test_explorer_status_says_candidates_and_none(planted_s16) -> None:
+    from sfp.viz.widgets import OutlierExplorer
+
+    trace, _, onset = planted_s16
+    ex = OutlierExplorer(trace, layer=onset)
+    n = _passed_by_hand(trace, onset, 1.5)
+    assert f"10 kept of {n} above the criterion (top-k)" in ex.status.value
+    assert "one layer after the norms" in ex.status.value
+    ex.param_sliders["cls_scale"].value = 0.1
+    assert _passed_by_hand(trace, onset, 0.1) == 0
+    assert "no outlier above the criterion" in ex.status.value
+    assert "no outlier above the criterion" in ex.figure.layout.title.text
