@@ -98,7 +98,7 @@ def test_outlier_grid_shows_candidates_kept_and_none(planted_s16) -> None:
     from sfp.viz.figures import outlier_grid, outlier_grid_data
 
     trace, _, onset = planted_s16
-    d = outlier_grid_data(trace, layers=[onset, onset + 1])
+    d = outlier_grid_data(trace, layers=[onset, onset + 1], as_released=False)
     n = _passed_by_hand(trace, onset, 1.5)
     assert n > 10
     assert d.flag_text(onset) == f"10 kept / {n} pass"
@@ -106,11 +106,25 @@ def test_outlier_grid_shows_candidates_kept_and_none(planted_s16) -> None:
     fig = outlier_grid(d)
     titles = [ax.get_title() for ax in fig.axes]
     assert f"flagged (yellow): 10 kept / {n} pass" in titles
-    none = outlier_grid_data(trace, layers=[2], detector_params={"cls_scale": 0.05})
+    none = outlier_grid_data(trace, layers=[2], detector_params={"cls_scale": 0.05},
+                             as_released=False)
     assert _passed_by_hand(trace, 2, 0.05) == 0
     assert none.flag_text(2) == "no outlier above the criterion"
     texts = [t.get_text() for ax in outlier_grid(none).axes for t in ax.texts]
     assert "no outlier above\nthe criterion" in texts
+
+
+def test_outlier_grid_as_released_keeps_every_candidate(planted_s16) -> None:
+    """The released criterion has no top-k: every patch past 1.5 A[cls, i] > A[i, i] is kept."""
+    from sfp.viz.figures import outlier_grid_data
+
+    trace, _, onset = planted_s16
+    d = outlier_grid_data(trace, layers=[onset, onset + 1])
+    for layer in (onset, onset + 1):
+        n = _passed_by_hand(trace, layer, 1.5)
+        fc = d.counts[layer]
+        assert (fc.passed, fc.kept, fc.total) == (n, n, trace.num_patches)
+        assert int(d.masks[layer].sum()) == n
 
 
 def test_explorer_status_says_candidates_and_none(planted_s16) -> None:
