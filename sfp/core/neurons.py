@@ -144,6 +144,8 @@ class OutlierSources:
     channel_typical: Tensor  # (L, C) mean |h_l[c]| at the other patch tokens
     top_magnitudes: Tensor  # (L, 3) mean over images of the 3 largest |h_l[t, c]|
     median_magnitude: Tensor  # (L,) mean over images of the median |h_l[t, c]|
+    patch_norms: Tensor | None = None  # (n_images, L, N) when every batch has N patches
+    hits: Tensor | None = None  # (L,) outlier tokens that are outliers at each layer (counts)
 
     def register_neurons(self, top: int | None = 10) -> list[tuple[int, int, float]]:
         """The highest-scoring neurons over layers 1..max_layer: [(layer, neuron, score)]."""
@@ -226,12 +228,11 @@ def outlier_sources(
         outlier_layer = int(ratio.argmax()) + 1
     masks = [outlier_mask(n[outlier_layer], norm_threshold) for n in first]
     total = sum(int(m.sum()) for m in masks)
-    onset = torch.zeros(num_layers)
-    if total:
-        for l in range(1, num_layers + 1):
-            hit = sum(int((outlier_mask(n[l], norm_threshold) & m).sum())
-                      for n, m in zip(first, masks, strict=True))
-            onset[l - 1] = hit / total
+    hits = torch.zeros(num_layers)
+    for l in range(1, num_layers + 1):
+        hits[l - 1] = sum(int((outlier_mask(n[l], norm_threshold) & m).sum())
+                          for n, m in zip(first, masks, strict=True))
+    onset = hits / total if total else torch.zeros(num_layers)
     if max_layer is None:
         reached = [l for l in range(1, outlier_layer + 1) if onset[l - 1] >= ONSET_SHARE]
         max_layer = reached[0] if reached else outlier_layer
@@ -252,6 +253,9 @@ def outlier_sources(
         n_images += x.shape[0]
         forward.run(visual, x, _stat_hooks(acc, mask, used, max_layer, num_layers))
     used_den = max(n_used, 1)
+    sizes = {n[1].shape[1] for n in first}
+    patch_norms = (torch.cat([torch.stack([n[l] for l in range(1, num_layers + 1)], 1)
+                              for n in first]).cpu() if len(sizes) == 1 else None)
     return OutlierSources(
         outlier_layer=int(outlier_layer),
         max_layer=int(max_layer),
@@ -265,6 +269,8 @@ def outlier_sources(
         channel_typical=acc["typ"] / max(n_images, 1),
         top_magnitudes=acc["top"] / max(n_images, 1),
         median_magnitude=acc["med"] / max(n_images, 1),
+        patch_norms=patch_norms,
+        hits=hits,
     )
 
 
