@@ -9,7 +9,13 @@ from matplotlib.figure import Figure
 from sfp.core import io
 from sfp.models.synthetic import planted_model
 from sfp.seg.stats import dataset_stats, image_source
-from sfp.viz.figures import dataset_figure, outlier_sources_data, outlier_sources_figure
+from sfp.viz.figures import (
+    coactivation_clustermap,
+    dataset_figure,
+    neuron_coactivation,
+    outlier_sources_data,
+    outlier_sources_figure,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +54,18 @@ def test_dataset_figure(s16, tmp_path):
     fig = dataset_figure(out)
     assert isinstance(fig, Figure) and len(fig.axes) >= 3
     assert "2 images" in fig._suptitle.get_text()
+
+
+def test_coactivation_of_the_planted_pair(s16):
+    bundle, truth = s16
+    x = io.prepare(io.sample_images()["astronaut"], bundle)
+    a, b = truth.register_neurons
+    other = [(truth.onset_layer, n) for n in range(3) if n not in truth.register_neurons][:2]
+    labels, corr = neuron_coactivation(bundle, x, [(truth.onset_layer, a),
+                                                   (truth.onset_layer, b), *other])
+    assert labels[:2] == [f"{truth.onset_layer}:{a}", f"{truth.onset_layer}:{b}"]
+    assert np.allclose(np.diag(corr), 1.0)
+    assert corr[0, 1] > 0.999  # the clipped-ramp pair fires on the same tokens
+    assert np.abs(corr[:2, 2:]).max() < 0.5
+    fig = coactivation_clustermap(labels, corr)
+    assert isinstance(fig, Figure)

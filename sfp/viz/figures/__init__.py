@@ -77,7 +77,9 @@ from sfp.viz.figures.render import (
 )
 from sfp.viz.figures.sources import (
     SourcesData,
+    coactivation_clustermap,
     dataset_figure,
+    neuron_coactivation,
     outlier_sources_data,
     outlier_sources_figure,
 )
@@ -98,6 +100,7 @@ __all__ = [
     "StageAblationData",
     "agreement_data",
     "default_layers",
+    "coactivation_clustermap",
     "dataset_figure",
     "default_purification_layers",
     "detector_agreement",
@@ -108,6 +111,7 @@ __all__ = [
     "layerwise_data",
     "layerwise_purification",
     "layerwise_purification_plotly",
+    "neuron_coactivation",
     "norm_maps",
     "norm_maps_plotly",
     "outlier_grid",

@@ -13,6 +13,9 @@
 :func:`dataset_figure` draws a :mod:`sfp.seg.stats` file with seaborn: per-layer max / median
 patch-norm ratio over the images (boxen plot), the recurrence heatmap of outlier grid positions
 at the most common outlier layer, and the mean |activation| of the top neurons.
+:func:`coactivation_clustermap` clusters the top neurons by the correlation of their
+activations over the patch tokens of a set of images (:func:`neuron_coactivation`): neurons
+that write the same outliers fire together.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from sfp.core import neurons as nr
 from sfp.core.probe import record
 from sfp.viz.figures import style
 
-__all__ = ["SourcesData", "dataset_figure", "outlier_sources_data", "outlier_sources_figure"]
+__all__ = [
+    "SourcesData",
+    "coactivation_clustermap",
+    "dataset_figure",
+    "neuron_coactivation",
+    "outlier_sources_data",
+    "outlier_sources_figure",
+]
 
 PAPER_REF = "cf. Sun et al. 2024; Jiang, Dravid et al. 2025"
 
@@ -182,3 +192,35 @@ def dataset_figure(path: Any) -> Figure:
             is_synthetic="synthetic" in header["pretrained"],
             detail=f"{header['source']}, {header['n_images']} images"), 110))
     return fig
+
+
+def neuron_coactivation(bundle: Any, images: torch.Tensor,
+                        neurons: Any) -> tuple[list[str], np.ndarray]:
+    """Pearson correlation of the neurons' activations over all patch tokens of ``images``
+    (B, 3, H, W): ``(labels "layer:neuron", (k, k) matrix)``; neurons as
+    :func:`sfp.core.neurons.neuron_map` takes them."""
+    nmap = nr.neuron_map(neurons)
+    pairs = [(l, n) for l, ns in nmap.items() for n in ns]
+    if len(pairs) < 2:
+        raise ValueError(f"co-activation needs at least 2 neurons, got {pairs}.")
+    tr = record(bundle, images, layers=sorted(nmap), store=("mlp",))
+    n_patch = tr.grid[0] * tr.grid[1]
+    cols = [tr.mlp(l)[:, 1 : 1 + n_patch, n].reshape(-1) for l, n in pairs]
+    acts = torch.stack(cols, 1).double()  # (B * N, k)
+    acts = acts - acts.mean(0)
+    std = acts.pow(2).mean(0).sqrt().clamp_min(1e-12)
+    corr = (acts.T @ acts) / acts.shape[0] / torch.outer(std, std)
+    return [f"{l}:{n}" for l, n in pairs], style.to_numpy(corr)
+
+
+def coactivation_clustermap(labels: list[str], corr: np.ndarray) -> Figure:
+    """Seaborn clustermap of a neuron correlation matrix; returns its figure."""
+    import pandas as pd
+    import seaborn as sns
+
+    frame = pd.DataFrame(corr, index=labels, columns=labels)
+    with style.figure_style():
+        grid = sns.clustermap(frame, cmap="vlag", vmin=-1, vmax=1, figsize=(6, 6),
+                              cbar_kws={"label": "correlation over patch tokens"})
+        grid.figure.suptitle("Co-activation of the top neurons (layer:neuron)", fontsize=10)
+    return grid.figure
