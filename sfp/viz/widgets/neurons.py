@@ -56,6 +56,7 @@ class NeuronView(SFPWidget):
                  top: int = 6, classes: str | Sequence[str] | None = None,
                  segmenter_kwargs: dict[str, Any] | None = None, height: int = 330) -> None:
         super().__init__()
+        self.add_class("sfp-neuron-view")
         self.bundle = bundle
         rgb = io.load_image(image)
         rgb = io.center_crop(io.resize_short_side(rgb, size), size)
@@ -116,8 +117,7 @@ class NeuronView(SFPWidget):
         return np.array(mx), np.array(md)
 
     def _panels(self) -> list[str]:
-        titles = ["patch norm per layer", "neuron activation", "patch norm ‖h‖",
-                  "class-token attention"]
+        titles = ["norm per layer", "neuron", "norm ‖h‖", "cls attention"]
         return titles + (["segmentation"] if self.segmentations else [])
 
     def _build_figure(self, height: int) -> go.FigureWidget:
@@ -130,8 +130,9 @@ class NeuronView(SFPWidget):
         fig.add_trace(go.Scatter(x=[1, 1], y=[1, 1], name="layer", mode="lines",
                                  line={"dash": "dash", "color": "grey"}), 1, 1)
         z = np.zeros(self.grid)
-        for col, cs in ((2, "Magma"), (3, "Viridis"), (4, "Hot")):
-            fig.add_trace(go.Heatmap(z=z, colorscale=cs, showscale=False), 1, col)
+        for col, cs, meta in ((2, "Magma", "neuron"), (3, "Viridis", "norm"),
+                              (4, "Hot", "cls")):
+            fig.add_trace(go.Heatmap(z=z, colorscale=cs, showscale=False, meta=meta), 1, col)
             fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=col)
             fig.update_xaxes(showticklabels=False, row=1, col=col)
         if self.segmentations:
