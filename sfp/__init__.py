@@ -32,6 +32,7 @@ _EXPORTS = {
     "load_image": "sfp.core.io",
     "hook_names": "sfp.core.forward",
     "run_with_hooks": "sfp.core.forward",
+    "neurons": "sfp.core",
     "record": "sfp.core.probe",
     "Trace": "sfp.core.probe",
     "embed_queries": "sfp.models.text",

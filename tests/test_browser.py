@@ -327,3 +327,69 @@ def test_interactive_page_in_chromium(tmp_path: Path) -> None:
         overlaps = i["barBottom"] is not None and i["titleTop"] < i["barBottom"] \
             and i["titleRight"] > i["barLeft"]
         assert not overlaps, i
+
+
+NEURON_NOTEBOOK = "notebooks/04_where_outliers_come_from.ipynb"
+
+_NEURON_NORMS_JS = """
+() => {
+  const root = document.querySelector('.sfp-neuron-view');
+  if (!root) return null;
+  const gd = root.querySelector('.js-plotly-plot');
+  if (!gd || !gd.data) return null;
+  const t = gd.data.find(d => d.meta === 'norm');
+  if (!t || !t.z) return null;
+  const toArr = v => (v !== null && typeof v === 'object' && 'length' in v)
+    ? Array.from(v, toArr) : v;
+  const z = toArr(t.z).flat();
+  if (z.length < 4 || z.every(v => v === 0)) return null;
+  const sorted = [...z].sort((a, b) => a - b);
+  return Math.max(...z) / sorted[Math.floor(sorted.length / 2)];
+}
+"""
+
+
+def test_neuron_view_in_jupyterlab(jupyter_server: str) -> None:
+    """NeuronView reacts in the browser: zeroing the register neurons removes the outliers
+    from the norm map (max / median patch norm from > 10 to < 2)."""
+    from playwright.sync_api import sync_playwright
+
+    _shutdown_sessions(jupyter_server)
+    original = (ROOT / NEURON_NOTEBOOK).read_bytes()
+    screenshot = ARTIFACTS / "browser_neuron_view.png"
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=_require_chromium(), headless=True,
+                                         args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            try:
+                page.goto(f"{jupyter_server}/lab/tree/{NEURON_NOTEBOOK}?token={TOKEN}",
+                          wait_until="domcontentloaded")
+                page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+                time.sleep(3)
+                page.get_by_role("menuitem", name="Run", exact=True).first.click()
+                page.get_by_text("Run All Cells", exact=True).first.click()
+                page.wait_for_function(_NEURON_NORMS_JS, timeout=RENDER_TIMEOUT_MS,
+                                       polling=1000)
+                page.wait_for_function(_ALL_DONE_JS, timeout=RENDER_TIMEOUT_MS, polling=1000)
+                view = page.locator(".sfp-neuron-view").first
+                view.scroll_into_view_if_needed()
+                before = page.evaluate(_NEURON_NORMS_JS)
+                view.get_by_role("button", name="register neurons zeroed").click()
+                page.wait_for_function(f"() => {{ const r = ({_NEURON_NORMS_JS})(); "
+                                       "return r !== null && r < 2; }", timeout=120_000,
+                                       polling=500)
+                after = page.evaluate(_NEURON_NORMS_JS)
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                view.screenshot(path=str(screenshot))
+            except Exception:
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(screenshot.with_name(screenshot.stem + "_failure.png")),
+                                full_page=True)
+                raise
+            finally:
+                browser.close()
+    finally:
+        if (ROOT / NEURON_NOTEBOOK).read_bytes() != original:
+            (ROOT / NEURON_NOTEBOOK).write_bytes(original)
+    assert before > 10 and after < 2, (before, after)

@@ -3,7 +3,7 @@
 The notebooks are committed without outputs; this checks that every cell runs on a machine
 without pretrained weights (the synthetic model is used then) and that the first cell says
 which weights it chose. ``SFP_FAST=1`` makes the notebooks use smaller models and fewer
-images (see docs/widgets.md). All three together stay well under five minutes.
+images (see docs/widgets.md). All of them together stay well under five minutes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def test_notebooks_exist_and_have_no_outputs():
         "01_attention_outliers.ipynb",
         "02_sfp_stage_by_stage.ipynb",
         "03_tune_thresholds.ipynb",
+        "04_where_outliers_come_from.ipynb",
     ]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)

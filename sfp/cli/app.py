@@ -1,6 +1,7 @@
 """The ``sfp`` command line: the parser, the subcommands, and the one error policy.
 
-Each subcommand module (:mod:`sfp.cli.seg`, :mod:`sfp.cli.figures`, :mod:`sfp.cli.demo`)
+Each subcommand module (:mod:`sfp.cli.seg`, :mod:`sfp.cli.stats`, :mod:`sfp.cli.figures`,
+:mod:`sfp.cli.demo`)
 exposes ``register(subparsers)``, which adds its parsers with ``set_defaults(func=...)``;
 ``func(args) -> int`` runs the command and simply raises on failure. :func:`main` turns every
 known error into one line ``sfp <command>: error: <message>`` and an exit code:
@@ -26,12 +27,12 @@ import sys
 import traceback
 
 from sfp import __version__
-from sfp.cli import demo, figures, seg
+from sfp.cli import demo, figures, seg, stats
 from sfp.core.errors import SFPError
 
 __all__ = ["build_parser", "exit_code", "main"]
 
-_COMMANDS = (seg, figures, demo)
+_COMMANDS = (seg, stats, figures, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,9 @@ display names and descriptions):
 - ``"sc-clip"``: SC-CLIP on SFP's engine (:class:`sfp.methods.purify.SCCLIPEncoder`, default
   config ``SFPConfig.preset("sc-clip")``);
 - ``"clip"``, ``"maskclip"``, ``"sclip"``, ``"clearclip"``, ``"naclip"``: the baselines of
-  :mod:`sfp.methods.baselines`.
+  :mod:`sfp.methods.baselines`;
+- ``"ttr"``: test-time registers, Jiang, Dravid et al. NeurIPS 2025
+  (:class:`sfp.methods.registers.TTREncoder`, config ``TTRConfig``).
 
 Other encoders can be added with :func:`sfp.methods.base.register_encoder`.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sfp.methods import baselines, purify  # noqa: F401  (they register their methods)
+from sfp.methods import baselines, purify, registers  # noqa: F401  (they register their methods)
 from sfp.methods.base import ENCODERS, Encoder, register_encoder
 
 __all__ = ["Encoder", "available_methods", "make_encoder", "register_encoder"]

@@ -180,6 +180,13 @@ class PlantedTruth:
         return int(self.eligible.sum())
 
     @property
+    def neurons(self) -> dict[int, list[int]]:
+        """The MLP neurons that write the outliers, ``{layer: [neuron, ...]}``: the register
+        neurons of block ``onset_layer`` (what :func:`sfp.core.neurons.register_neurons`
+        should find; zeroing them removes every planted outlier)."""
+        return {self.onset_layer: list(self.register_neurons)}
+
+    @property
     def base_grid(self) -> tuple[int, int]:
         return int(self.eligible.shape[0]), int(self.eligible.shape[1])
 

@@ -1,6 +1,6 @@
 """Analysis figures: see attention outliers in CLIP ViTs and what each SFP stage does.
 
-Five families, each a matplotlib builder (static: PNG/SVG) and a plotly builder (interactive,
+Six families, each a matplotlib builder (static: PNG/SVG) and a plotly builder (interactive,
 standalone offline HTML), computed from a :class:`sfp.core.probe.Trace` or a bundle and an image:
 
 1. :func:`outlier_grid` — attention matrices and maps across layers, outlier masks and their
@@ -11,7 +11,10 @@ standalone offline HTML), computed from a :class:`sfp.core.probe.Trace` or a bun
 4. :func:`stage_ablation` — CLIP, +SOM, +SOM+SAE, SFP and baselines side by side (paper
    Fig. 3);
 5. :func:`layerwise_purification` (paper Fig. 5) and :func:`som_detections` (supplement
-   Fig. 2).
+   Fig. 2);
+6. :func:`outlier_sources_figure` — where outliers come from: top-3 activation magnitudes
+   per layer, register-neuron maps, norm maps original / neurons zeroed / test-time
+   registers; :func:`dataset_figure` draws an ``sfp stats`` file with seaborn.
 
 Heavy work (forwards, detectors) lives in the ``*_data`` functions; the builders only draw,
 so one computation feeds both the static and the interactive figure::
@@ -72,6 +75,14 @@ from sfp.viz.figures.render import (
     render_image,
     render_som_detections,
 )
+from sfp.viz.figures.sources import (
+    SourcesData,
+    coactivation_clustermap,
+    dataset_figure,
+    neuron_coactivation,
+    outlier_sources_data,
+    outlier_sources_figure,
+)
 from sfp.viz.figures.style import SYNTHETIC_TAG, pca_rgb
 from sfp.viz.figures.views import ImageView, default_layers, image_view
 
@@ -85,9 +96,12 @@ __all__ = [
     "OutlierGridData",
     "PropagationData",
     "SOMDetections",
+    "SourcesData",
     "StageAblationData",
     "agreement_data",
     "default_layers",
+    "coactivation_clustermap",
+    "dataset_figure",
     "default_purification_layers",
     "detector_agreement",
     "detector_agreement_plotly",
@@ -97,11 +111,14 @@ __all__ = [
     "layerwise_data",
     "layerwise_purification",
     "layerwise_purification_plotly",
+    "neuron_coactivation",
     "norm_maps",
     "norm_maps_plotly",
     "outlier_grid",
     "outlier_grid_data",
     "outlier_grid_plotly",
+    "outlier_sources_data",
+    "outlier_sources_figure",
     "pca_rgb",
     "propagation",
     "propagation_data",
