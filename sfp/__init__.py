@@ -12,7 +12,7 @@ The package is layered, each layer building only on the ones before it::
 
 Everything here is imported lazily (``import sfp`` stays cheap): ``sfp.core.probe`` or
 ``sfp.record`` import their module on first use. The most used modules also have short
-names: ``sfp.io``, ``sfp.probe``, ``sfp.hooks``, ``sfp.outliers``, ``sfp.text``,
+names: ``sfp.io``, ``sfp.probe``, ``sfp.hooks``, ``sfp.neurons``, ``sfp.outliers``, ``sfp.text``,
 ``sfp.synthetic``, ``sfp.figures`` and ``sfp.widgets`` are ``sfp.core.io`` and so on.
 """
 
@@ -32,7 +32,6 @@ _EXPORTS = {
     "load_image": "sfp.core.io",
     "hook_names": "sfp.core.forward",
     "run_with_hooks": "sfp.core.forward",
-    "neurons": "sfp.core",
     "record": "sfp.core.probe",
     "Trace": "sfp.core.probe",
     "embed_queries": "sfp.models.text",
@@ -48,6 +47,7 @@ _MODULES = {
     "io": "sfp.core.io",
     "probe": "sfp.core.probe",
     "hooks": "sfp.core.hooks",
+    "neurons": "sfp.core.neurons",
     "outliers": "sfp.core.outliers",
     "text": "sfp.models.text",
     "synthetic": "sfp.models.synthetic",

@@ -110,7 +110,9 @@ def test_import_sfp_is_cheap_and_short_module_names_resolve() -> None:
         "assert sfp.io is sfp.core.io and sfp.io.load_image is sfp.load_image\n"
         "assert sfp.probe is sfp.core.probe and sfp.synthetic is sfp.models.synthetic\n"
         "assert sfp.text is sfp.models.text and sfp.outliers is sfp.core.outliers\n"
-        "assert {'io', 'probe', 'widgets'} <= set(dir(sfp))\n"
+        "import sfp.core.neurons\n"
+        "assert sfp.neurons is sfp.core.neurons\n"
+        "assert {'io', 'probe', 'neurons', 'widgets'} <= set(dir(sfp))\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
