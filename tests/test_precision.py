@@ -107,3 +107,47 @@ def test_precision_of_other_dtype(pair) -> None:
     m = copy.deepcopy(b32.model).double()
     assert precision_of(m) == "float64"
     assert precision_of(b32.model) == "fp32"
+
+
+def test_sfp_steps_compute_in_fp16_for_fp16_models() -> None:
+    """As released, every SFP step of an fp16 model is computed in fp16; float32 inputs stay
+    float32 and float64 inputs are computed in float32, as before."""
+    from sfp.core.forward import attend, attention_probs, work
+    from sfp.methods.attention import self_self_probs
+    from sfp.methods.purify import cosine_matrix, rownorm_apply, similarity_logits
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 16, generator=g)
+    q = torch.randn(2, 4, 10, 8, generator=g)
+    for dtype, want in ((torch.float16, torch.float16), (torch.float32, torch.float32),
+                        (torch.float64, torch.float32)):
+        c = cosine_matrix(h.to(dtype))
+        assert c.dtype == want
+        assert similarity_logits(c).dtype == want
+        assert rownorm_apply(c, h.to(dtype)).dtype == dtype
+        p = self_self_probs(q.to(dtype))
+        assert p.dtype == want and attention_probs(q.to(dtype), q.to(dtype)).dtype == want
+        assert attend(p, q.to(dtype)).dtype == dtype
+        assert work(h.to(dtype)).dtype == want
+    # the fp16 results are the float32 ones to fp16 accuracy
+    c16, c32 = cosine_matrix(h.half()).float(), cosine_matrix(h)
+    assert (c16 - c32).abs().max() < 5e-3
+
+
+def test_synthetic_model_refuses_fp16(monkeypatch) -> None:
+    """The planted model's activations overflow fp16: --precision fp16 is refused in one
+    sentence and auto falls back to fp32 (even where auto would pick fp16)."""
+    from sfp.cli.common import add_model_arguments, load_bundle_from_args
+    from sfp.core.errors import InputError
+
+    p = argparse.ArgumentParser()
+    add_model_arguments(p, precision="auto")
+    args = p.parse_args(["--synthetic", "--model", "ViT-S-16", "--precision", "fp16"])
+    with pytest.raises(InputError, match="exceed fp16's range"):
+        load_bundle_from_args(args)
+    from sfp.cli import common
+
+    monkeypatch.setattr(common, "resolve_precision", lambda a, d: "fp16")  # as on CUDA
+    args = p.parse_args(["--synthetic", "--model", "ViT-S-16"])
+    assert args.precision == "auto"
+    assert precision_of(load_bundle_from_args(args).model) == "fp32"

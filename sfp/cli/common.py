@@ -66,7 +66,15 @@ def load_bundle_from_args(args: argparse.Namespace) -> Any:
         qg = {"auto": None, "yes": True, "no": False}[args.quick_gelu]
         bundle = load_model(args.model, pretrained=None if pretrained == "random" else pretrained,
                             device=args.device, quick_gelu=qg)
-    set_precision(bundle.model, resolve_precision(args, bundle.device))
+    precision = resolve_precision(args, bundle.device)
+    if precision == "fp16" and getattr(args, "synthetic", False):
+        if getattr(args, "precision", "fp32") != "auto":
+            from sfp.core.errors import InputError
+
+            raise InputError("The planted-outlier model's planted activations exceed fp16's "
+                             "range (its features would be NaN); use --precision fp32 or bf16.")
+        precision = "fp32"  # auto: the planted model runs in fp32 even on CUDA
+    set_precision(bundle.model, precision)
     return bundle
 
 

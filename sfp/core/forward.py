@@ -41,6 +41,7 @@ __all__ = [
     "Grid",
     "InputError",
     "attend",
+    "work",
     "attention_inputs",
     "attention_output",
     "attention_probs",
@@ -182,15 +183,27 @@ def merge_heads(block: nn.Module, o: torch.Tensor) -> torch.Tensor:
     return block.attn.out_proj(o)
 
 
+#: Dtypes that attention, similarities and SFP's steps are computed in as they come (the
+#: release runs every step in fp16 on CUDA); every other dtype is computed in float32.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def work(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype sfp computes in: fp16 / bf16 as they are (the release's convention
+    for fp16 models), anything else float32 (a no-op for float32 models)."""
+    return t if t.dtype in LOW_PRECISION else t.float()
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_head)) in float32: (B, H, T, d) x2 -> (B, H, T, T)."""
+    """softmax(q k^T / sqrt(d_head)) in :func:`work` precision: (B, H, T, d) x2 -> (B, H, T, T)."""
     scale = q.shape[-1] ** -0.5
-    return torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+    return torch.softmax((work(q) @ work(k).transpose(-1, -2)) * scale, dim=-1)
 
 
 def attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """probs @ v in float32, cast back to v's dtype: (B, H, T, T), (B, H, T, d) -> (B, H, T, d)."""
-    return (probs.float() @ v.float()).to(v.dtype)
+    """probs @ v in :func:`work` precision, cast to v's dtype: (B, H, T, T), (B, H, T, d) ->
+    (B, H, T, d)."""
+    return (work(probs).to(work(v).dtype) @ work(v)).to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Attention variants of the training-free dense CLIP methods: pure functions on tensors.
 
-Every function returns per-head probabilities ``(B, H, T, T)`` in float32 from per-head
+Every function returns per-head probabilities ``(B, H, T, T)`` (float32; fp16 / bf16 for such
+inputs, :func:`sfp.core.forward.work`) from per-head
 queries / keys ``(B, H, T, d)``; the methods apply them to v with
 :func:`sfp.core.forward.attend`. ``scale`` None means ``d ** -0.5`` everywhere.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sfp.core.forward import Grid
+from sfp.core.forward import Grid, work
 
 __all__ = [
     "correlative_probs",
@@ -29,8 +30,9 @@ def _scale_of(x: torch.Tensor, scale: float | None) -> float:
 
 
 def self_self_probs(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(x x^T * scale) per head in float32: x (B, H, T, d) -> (B, H, T, T)."""
-    xf = x.float()
+    """softmax(x x^T * scale) per head (float32, fp16 for fp16 models): x (B, H, T, d) ->
+    (B, H, T, T)."""
+    xf = work(x)
     return torch.softmax((xf @ xf.transpose(-1, -2)) * _scale_of(x, scale), dim=-1)
 
 
@@ -70,10 +72,11 @@ def gaussian_neighbourhood_bias(
 def neighbourhood_probs(
     k: torch.Tensor, bias: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """NACLIP's attention: softmax(k k^T * scale + bias) in float32.
+    """NACLIP's attention: softmax(k k^T * scale + bias) in work precision (float32; fp16
+    for fp16 keys).
 
     k: (B, H, T, d), bias: (T, T) added to the logits of every head -> (B, H, T, T).
     """
-    kf = k.float()
+    kf = work(k)
     logits = (kf @ kf.transpose(-1, -2)) * _scale_of(k, scale)
-    return torch.softmax(logits + bias.to(device=logits.device, dtype=torch.float32), dim=-1)
+    return torch.softmax(logits + bias.to(device=logits.device, dtype=logits.dtype), dim=-1)

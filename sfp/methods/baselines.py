@@ -19,9 +19,9 @@ naclip      softmax(k k^T s + G), G Gaussian      no       no    NACLIP, WACV 20
 
 "residual" is the block input added to the attention branch; "FFN" is ``x + mlp(ln_2(x))`` on
 the result. All tokens (cls included) take part in the modified attention, as in every release;
-only the patch tokens are returned. Softmaxes and ``attention @ v`` are computed in float32 and
-cast back to the model's dtype before ``out_proj``, so fp16/bf16 bundles work (the releases run
-these in the model's dtype, fp16 on CUDA). LayerScale (``ls_1``/``ls_2``, identity for CLIP) is
+only the patch tokens are returned. Softmaxes and ``attention @ v`` are computed in float32 for
+float32 models and in the model's dtype for fp16 / bf16 ones, as the releases run them (fp16 on
+CUDA; :func:`sfp.core.forward.work`). LayerScale (``ls_1``/``ls_2``, identity for CLIP) is
 applied as in :func:`sfp.core.forward.block_forward`. The attention variants themselves are pure
 functions in :mod:`sfp.methods.attention`.
 

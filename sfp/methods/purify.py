@@ -23,9 +23,10 @@ The other presets (``release-2025-12``, ``sc-clip``) switch the attention of ste
 (``sae_terms``, ``hai_attention``), the source of M (``logits_from``) and steps 4 and 6;
 :class:`SCCLIPEncoder` is SC-CLIP as a method. Batches are processed at once, each image with
 its own outlier set; any depth works (layers come from ``config.resolve``: the release's
-absolute 9 / 4 / 4..10 by default); similarity matrices and softmaxes are computed in float32 and
-cast back to the model's dtype. The paper preset and the readings it needs are described in
-``docs/sfp_presets.md`` and :class:`sfp.methods.config.SFPConfig`.
+absolute 9 / 4 / 4..10 by default); similarity matrices and softmaxes are computed in float32,
+or in fp16 / bf16 for such models as the release does (:func:`sfp.core.forward.work`). The
+paper preset and the readings it needs are described in ``docs/sfp_presets.md``
+and :class:`sfp.methods.config.SFPConfig`.
 
 Switches (each removes exactly one stage):
 
@@ -87,8 +88,9 @@ _MIN_NORM = 1e-12
 
 
 def cosine_matrix(tokens: Tensor) -> Tensor:
-    """Cosine-similarity matrix of patch tokens, in float32: (B, N, C) -> (B, N, N)."""
-    t = tokens.float()
+    """Cosine-similarity matrix of patch tokens: (B, N, C) -> (B, N, N), in work precision
+    (:func:`sfp.core.forward.work`: float32; fp16 for fp16 tokens)."""
+    t = forward.work(tokens)
     t = t / t.norm(dim=-1, keepdim=True).clamp_min(_MIN_NORM)
     return t @ t.transpose(-1, -2)
 
@@ -99,7 +101,7 @@ def threshold_similarity(c: Tensor, threshold: float = 0.4) -> Tensor:
 
 
 def similarity_matrix(tokens: Tensor, threshold: float = 0.4) -> Tensor:
-    """Thresholded cosine-similarity matrix of patch tokens, in float32.
+    """Thresholded cosine-similarity matrix of patch tokens, in work precision.
 
     tokens: (B, N, C) -> S (B, N, N) with S[b, i, j] = cos(t_i, t_j), entries below
     ``threshold`` set to 0.
@@ -110,22 +112,22 @@ def similarity_matrix(tokens: Tensor, threshold: float = 0.4) -> Tensor:
 def rownorm_apply(s: Tensor, x: Tensor, eps: float = 1e-6) -> Tensor:
     """Similarity-weighted average: (S / (row sums of S + eps)) @ X.
 
-    s: (B, N, N), x: (B, N, C) -> (B, N, C) in x's dtype (computed in float32).
+    s: (B, N, N), x: (B, N, C) -> (B, N, C) in x's dtype (computed in work precision).
     """
-    s = s.float()
+    s = forward.work(s)
     w = s / (s.sum(dim=-1, keepdim=True) + eps)
-    return (w @ x.float()).to(x.dtype)
+    return (w.to(forward.work(x).dtype) @ forward.work(x)).to(x.dtype)
 
 
 def similarity_logits(s: Tensor, temperature: float = 3.0) -> Tensor:
-    """The SAE/HAI similarity logits M of the official preset, in float32.
+    """The SAE/HAI similarity logits M of the official preset, in work precision.
 
     s: thresholded S_pre (B, N, N) -> M = temperature * (S - mean(S)) with the mean taken
     per image over all N x N entries; entries < 0 become -inf. A diagonal entry that would be
     < 0 (only when a token's self-similarity is below the mean, e.g. a zero token) is set to
     0 instead, so no row is all -inf (softmax stays finite); otherwise M is unchanged.
     """
-    s = s.float()
+    s = forward.work(s)
     m = (s - s.mean(dim=(-2, -1), keepdim=True)) * temperature
     diag = torch.diagonal(m, dim1=-2, dim2=-1)
     diag.clamp_(min=0.0)
@@ -239,7 +241,7 @@ def sae_paper(
         raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
     tokens = x if cls is None else torch.cat([cls.unsqueeze(1).to(x.dtype), x], dim=1)
     q, k, v = forward.qkv(block, block.ln_1(tokens) if ln1 else tokens)
-    qf, kf = q.float(), k.float()
+    qf, kf = forward.work(q), forward.work(k)
     scale = omega * q.shape[-1] ** -0.5
     if combine == "mean":
         attn = (self_self_probs(q, scale) + self_self_probs(k, scale)) / 2
@@ -249,7 +251,8 @@ def sae_paper(
     if value == "proj":
         a = block.ls_1(_attend(block, attn, v))
     else:
-        a = (attn.mean(dim=1) @ tokens.float()).to(tokens.dtype)
+        a = (attn.mean(dim=1).to(forward.work(tokens).dtype) @ forward.work(tokens)
+             ).to(tokens.dtype)
     if form == "block":
         h = tokens + a
         out = h + block.ls_2(block.mlp(block.ln_2(h)))
@@ -259,13 +262,13 @@ def sae_paper(
 
 
 def hai_layer_term(attention: Tensor, mask: Tensor | None = None) -> Tensor:
-    """One layer's contribution to the paper's HAI (eq. 8), in float32.
+    """One layer's contribution to the paper's HAI (eq. 8), in work precision.
 
     attention: (B, H, T, T) per head (or (B, T, T) averaged), T = 1 + N; mask: (B, N) bool
     outliers S_l of that layer or None. Head-averaged patch-to-patch attention with the
     outlier columns set to 0: (B, N, N).
     """
-    a = attention.float()
+    a = forward.work(attention)
     if a.ndim == 4:
         a = a.mean(dim=1)
     a = a[:, 1:, 1:]
@@ -279,7 +282,7 @@ def normalize_rows_cols(a: Tensor, iterations: int = 1, eps: float = 1e-6) -> Te
 
     a: (B, N, N) -> (B, N, N) float32; each division adds ``eps`` to the sums.
     """
-    a = a.float()
+    a = forward.work(a)
     for _ in range(iterations):
         a = a / (a.sum(dim=-1, keepdim=True) + eps)
         a = a / (a.sum(dim=-2, keepdim=True) + eps)
@@ -319,7 +322,7 @@ def hai_paper(
 ) -> tuple[Tensor, Tensor]:
     """Eq. 11: F_vis = A_HAI F_SAE. features: (B, N, C) -> (F_vis (B, N, C), A_HAI (B, N, N))."""
     a = hai_paper_matrix(attentions, masks, iterations=iterations, eps=eps)
-    return (a @ features.float()).to(features.dtype), a
+    return (a.to(forward.work(features).dtype) @ forward.work(features)).to(features.dtype), a
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +473,7 @@ class _BlockRun:
         if self.official_hai and layer in self.r.hai_layers and layer not in self.r.som_layers:
             self._add_to_p(h)
         if self.paper_hai and layer in self.r.hai_layers:
-            self.hai_attention.append(self.patterns.pop(layer).float().mean(dim=1))
+            self.hai_attention.append(forward.work(self.patterns.pop(layer)).mean(dim=1))
             self.hai_masks.append(self.masks.get(layer))
 
 
