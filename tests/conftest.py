@@ -62,6 +62,7 @@ def _isolated_registries():
     from sfp.core.outliers import DETECTORS
     from sfp.methods.base import ENCODERS
     from sfp.methods.config import PRESETS
+    from sfp.methods.encoders import make_encoder  # noqa: F401  (registers every method first)
 
     saved = [(r, r.snapshot()) for r in (DETECTORS, ENCODERS, PRESETS)]
     yield

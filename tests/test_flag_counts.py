@@ -139,3 +139,65 @@ def test_explorer_status_says_candidates_and_none(planted_s16) -> None:
     assert _passed_by_hand(trace, onset, 0.1) == 0
     assert "no outlier above the criterion" in ex.status.value
     assert "no outlier above the criterion" in ex.figure.layout.title.text
+
+
+@pytest.fixture(scope="module")
+def planted_s16_bundle():
+    from sfp.core.io import normalize
+    from sfp.models.synthetic import planted_model, synthetic_scene
+
+    bundle, truth = planted_model("ViT-S-16", seed=0)
+    scene = synthetic_scene(0)
+    return bundle, scene, normalize(scene, bundle)[None], truth
+
+
+def test_sfp_stages_count_candidates_against_the_plain_attention(planted_s16,
+                                                                 planted_s16_bundle) -> None:
+    """SOM inside SFP reports what passed its criterion: blocks 1..L-2 are unchanged by the
+    official preset, so the candidates at L-1 are the plain forward's 1.5 A[cls,i] > A[i,i];
+    with SOM from block 1 the first layer (its attention reads the unmodified input) too."""
+    from sfp.methods.config import SFPConfig
+    from sfp.methods.purify import SFPEncoder
+
+    bundle, _, x, truth = planted_s16_bundle
+    trace, planted, onset = planted_s16
+    detect = bundle.num_layers - 1
+    st = SFPEncoder(bundle, SFPConfig.official()).stages(x)
+    fc = st.flag_counts()
+    assert fc.passed == _passed_by_hand(trace, detect, 1.5) == int(planted.sum())
+    assert fc.kept == int(st.mask[0].sum()) == int(planted.sum())
+    early = SFPEncoder(bundle, SFPConfig.official(som_start=1)).stages(x)
+    fc1 = early.flag_counts(1)
+    assert fc1.passed == _passed_by_hand(trace, 1, 1.5) > 10 and fc1.kept == 10
+    with pytest.raises(KeyError, match="did not run"):
+        st.flag_counts(1)
+
+
+def test_stage_ablation_and_layerwise_figures_show_counts(planted_s16_bundle) -> None:
+    from sfp.methods.config import SFPConfig
+    from sfp.methods.purify import SFPEncoder
+    from sfp.viz.figures import (
+        image_view,
+        layerwise_data,
+        layerwise_purification,
+        layerwise_purification_plotly,
+        stage_ablation,
+        stage_ablation_data,
+    )
+
+    bundle, scene, _, _ = planted_s16_bundle
+    view = image_view(bundle, scene.permute(1, 2, 0).numpy(), name="scene")
+    d = stage_ablation_data(bundle, view, ["sky", "grass"])
+    want = SFPEncoder(bundle, SFPConfig.official()).stages(view.pixels).flag_counts()
+    assert d.counts == want and d.flag_text == want.text
+    assert want.text in stage_ablation(d).texts[0].get_text().replace("\n", " ")
+    cfg = SFPConfig.official(som_start=1)
+    lw = layerwise_data(bundle, view, layers=[1, 11], config=cfg)
+    st = SFPEncoder(bundle, cfg).stages(view.pixels)
+    assert [lw.flag_text(k) for k in range(2)] == [st.flag_counts(1).short,
+                                                   st.flag_counts(11).short]
+    assert lw.flag_text(0) == f"10 kept / {st.flag_counts(1).passed} pass"
+    texts = [t.get_text() for ax in layerwise_purification(lw).axes for t in ax.texts]
+    assert lw.flag_text(0) in texts and lw.flag_text(1) in texts
+    titles = [a.text for a in layerwise_purification_plotly(lw).layout.annotations]
+    assert lw.flag_text(0) in titles

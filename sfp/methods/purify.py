@@ -54,7 +54,13 @@ from torch import Tensor, nn
 
 from sfp.core import forward
 from sfp.core.hooks import NO_HOOKS, Hooks, block_hook
-from sfp.core.outliers import Detector, MitigationReport, get_detector, mitigate_with_report
+from sfp.core.outliers import (
+    Detector,
+    FlagCounts,
+    MitigationReport,
+    get_detector,
+    mitigate_with_report,
+)
 from sfp.core.probe import Recorder, model_meta
 from sfp.methods.attention import correlative_probs, self_self_probs
 from sfp.methods.base import Encoder, FwdHooks, register_encoder
@@ -339,6 +345,8 @@ class SFPStages:
         grid: (gh, gw).
         mask: (B, N) bool, the final outlier set (detect layer); all False with som=False.
         masks, scores: {layer: (B, N)} for every layer SOM ran on.
+        candidates: {layer: (B, N) bool} the patches that passed the detector's criterion
+            there, before its top-k (= masks for a detector without a top-k).
         reports: {layer: MitigationReport} of those layers' mitigations.
         reference_report: MitigationReport of mitigating h_ref (None if not done).
         cls: (B, C) class token of h_{L-1}.
@@ -376,6 +384,16 @@ class SFPStages:
     s_pre: Tensor | None
     s_post: Tensor | None
     trace: Any | None = field(default=None, repr=False)
+    candidates: dict[int, Tensor] = field(default_factory=dict, repr=False)
+
+    def flag_counts(self, layer: int | None = None, index: int = 0) -> FlagCounts:
+        """Passed vs kept at ``layer`` (default: the detect layer) for image ``index``."""
+        layer = self.config.detect_layer if layer is None else layer
+        if layer not in self.masks:
+            raise KeyError(f"SOM did not run at layer {layer} (it ran at {sorted(self.masks)}).")
+        kept = self.masks[layer][index]
+        passed = self.candidates.get(layer, self.masks[layer])[index]
+        return FlagCounts(passed=int(passed.sum()), kept=int(kept.sum()), total=int(kept.numel()))
 
     @property
     def indices(self) -> list[Tensor]:
@@ -424,6 +442,7 @@ class _BlockRun:
         self.patterns: dict[int, Tensor] = {}
         self.hidden: dict[int, Tensor] = {}
         self.masks: dict[int, Tensor] = {}
+        self.candidates: dict[int, Tensor] = {}
         self.scores: dict[int, Tensor] = {}
         self.reports: dict[int, MitigationReport] = {}
         self.hai_attention: list[Tensor] = []
@@ -454,6 +473,7 @@ class _BlockRun:
             self.patterns.pop(layer, None)
         result = self.detector(source, **self.kwargs)
         self.masks[layer], self.scores[layer] = result.mask, result.scores
+        self.candidates[layer] = result.mask if result.candidates is None else result.candidates
         if layer == self.r.last_layer:
             self.x_raw = patches
         if self.official_hai and layer in self.r.hai_layers:
@@ -555,6 +575,7 @@ class SFPEncoder(Encoder):
         z, hai_matrix, x_final = self._hai(run, x_post, sim, s_post)
         return SFPStages(
             config=r, grid=grid, mask=mask, masks=run.masks, scores=run.scores,
+            candidates=run.candidates,
             reports=run.reports, reference_report=ref_report, cls=cls,
             x_raw=xs if run.x_raw is None else run.x_raw, x_som=xs, x_pre=x_pre, x_sae=x_sae,
             x_post=x_post, z=z, hai_matrix=hai_matrix, x_final=x_final,

@@ -69,6 +69,14 @@ class StageAblationData(CropFigureData):
     class_names: list[str]
     detect_layer: int
     meta: dict[str, Any] = field(default_factory=dict)
+    counts: Any = None  # FlagCounts of SOM at the detect layer (passed vs kept), or None
+
+    @property
+    def flag_text(self) -> str:
+        """E.g. "10 kept of 37 above the criterion (top-k)" (:class:`FlagCounts`)."""
+        if self.counts is None:
+            return f"{int(self.outliers.sum())} outliers"
+        return self.counts.text
 
     def values(self, space: str = "tokens") -> np.ndarray:
         """(K, N, C) tokens (``space="tokens"``) or (K, N, D) features (``"features"``)."""
@@ -150,7 +158,7 @@ def stage_ablation_data(
     grid = clip.grid(pixels)
     h_prev = trace.hidden(last - 1).to(bundle.dtype) if trace is not None else None
     names, toks, feats = [], [], []
-    mask, full_cfg, detect_layer = None, None, 0
+    mask, full_cfg, detect_layer, counts = None, None, 0, None
     with torch.no_grad():
         for name, method, cfg in stage_ladder(config):
             if method == "clip":
@@ -161,6 +169,7 @@ def stage_ablation_data(
                 st = SFPEncoder(bundle, cfg).stages(pixels)
                 t, f = st.x_final, st.features
                 mask, full_cfg, detect_layer = st.mask[0], cfg, st.config.detect_layer
+                counts = st.flag_counts() if st.masks else None
             names.append(name)
             toks.append(t[0])
             feats.append(f[0])
@@ -189,6 +198,7 @@ def stage_ablation_data(
         config=repr(full_cfg),
         detect_layer=int(detect_layer),
         meta={"logit_scale": seg.logit_scale},
+        counts=counts,
     )
 
 
@@ -209,7 +219,7 @@ def _title(d: StageAblationData) -> str:
         is_synthetic=d.is_synthetic,
         layers=f"outliers detected at layer {d.detect_layer}, replaced block {d.detect_layer + 1}",
         detail=f"{d.config} · {d.grid[0]} x {d.grid[1]} patches · white boxes: SOM's "
-        f"{int(d.outliers.sum())} outliers",
+        f"outliers, {d.flag_text}",
     )
 
 

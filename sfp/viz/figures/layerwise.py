@@ -16,7 +16,7 @@ image.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,14 @@ class LayerwiseData(CropFigureData):
     purified: np.ndarray
     masks: np.ndarray
     criterion_note: str = ""
+    counts: list[Any] = field(default_factory=list)  # per layer FlagCounts, or None (no SOM)
+
+    def flag_text(self, k: int) -> str:
+        """Passed vs kept at the k-th layer shown (:class:`sfp.core.outliers.FlagCounts`)."""
+        fc = self.counts[k] if k < len(self.counts) else None
+        if fc is None:
+            return f"{int(self.masks[k].sum())} flagged"
+        return fc.short
 
     def norm_maps(self) -> tuple[np.ndarray, np.ndarray]:
         """(L', gh, gw) L2 norms of the raw and the purified tokens."""
@@ -133,7 +141,7 @@ def layerwise_data(
         bundle, view.pixels, layers=layers, store=("hidden",))
     st = SFPEncoder(bundle, cfg).stages(view.pixels, trace=True)
     grid = tuple(int(g) for g in st.grid)
-    raw, pur, masks = [], [], []
+    raw, pur, masks, counts = [], [], [], []
     for layer in layers:
         raw.append(plain.hidden(layer)[0, 1:].float())
         if st.trace is not None and layer in st.trace.layers:
@@ -141,6 +149,7 @@ def layerwise_data(
         else:  # pragma: no cover - stages(trace=True) records 1..L-1
             raise ValueError(f"layer {layer} is not recorded by the SFP forward (1..L-1)")
         m = st.masks.get(layer)
+        counts.append(st.flag_counts(layer) if m is not None else None)
         if m is not None:
             h = mitigate(h, grid, m)
             masks.append(style.to_numpy(m[0]).reshape(grid))
@@ -160,6 +169,7 @@ def layerwise_data(
         config=repr(cfg),
         criterion_note=paper_criterion_note(cfg.cls_scale, cfg.top_k)
         if cfg.detector == "som" else "",
+        counts=counts,
     )
 
 
@@ -218,8 +228,8 @@ def layerwise_purification(data: LayerwiseData, *, mode: str = "norm",
                     ax.set_yticks([])
         for k, layer in enumerate(d.layers):
             axes[0, k].set_title(f"Layer {layer}", fontsize=10, fontweight="bold")
-            cnt = style.mark_patches(axes[1, k], d.masks[k], patch_px=px if over_image else None)
-            axes[1, k].text(0.5, -0.04, f"{cnt} flagged", transform=axes[1, k].transAxes,
+            style.mark_patches(axes[1, k], d.masks[k], patch_px=px if over_image else None)
+            axes[1, k].text(0.5, -0.04, d.flag_text(k), transform=axes[1, k].transAxes,
                             ha="center", va="top", fontsize=8)
         axes[0, 0].set_ylabel("(a) without SOM", fontsize=10)
         axes[1, 0].set_ylabel("(b) per-layer SOM", fontsize=10)
@@ -250,7 +260,8 @@ def layerwise_purification_plotly(data: LayerwiseData):
     d = data
     n = len(d.layers)
     raw, pur = d.norm_maps()
-    fig = make_subplots(rows=2, cols=n, subplot_titles=[f"Layer {lay}" for lay in d.layers],
+    fig = make_subplots(rows=2, cols=n, subplot_titles=[*(f"Layer {lay}" for lay in d.layers),
+                                                        *(d.flag_text(k) for k in range(n))],
                         horizontal_spacing=0.01, vertical_spacing=0.04)
     scale = style.plotly_colorscale(style.OVERLAY_CMAP)  # the static figure's colour map
     for k in range(n):
