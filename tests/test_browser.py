@@ -143,7 +143,9 @@ _HEATMAP_JS = """
 
 _ALL_DONE_JS = """
 () => {
-  const prompts = Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt'));
+  // prompts of the notebook on show (a tab restored from an earlier test stays hidden)
+  const prompts = Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt'))
+    .filter(p => !p.closest('.lm-mod-hidden'));
   if (prompts.length === 0) return false;
   const texts = prompts.map(p => p.textContent.trim());
   return texts.every(t => /^\\[\\d+\\]:?$/.test(t));
@@ -363,17 +365,19 @@ def test_neuron_view_in_jupyterlab(jupyter_server: str) -> None:
                                          args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1500, "height": 1000})
             try:
-                page.goto(f"{jupyter_server}/lab/tree/{NEURON_NOTEBOOK}?token={TOKEN}",
+                page.goto(f"{jupyter_server}/lab/tree/{NEURON_NOTEBOOK}?token={TOKEN}&reset",
                           wait_until="domcontentloaded")
                 page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
                 time.sleep(3)
                 page.get_by_role("menuitem", name="Run", exact=True).first.click()
                 page.get_by_text("Run All Cells", exact=True).first.click()
-                page.wait_for_function(_NEURON_NORMS_JS, timeout=RENDER_TIMEOUT_MS,
-                                       polling=1000)
+                # every cell has run; then bring the view on screen (JupyterLab may skip
+                # drawing cells outside the window) and wait for its norm map
                 page.wait_for_function(_ALL_DONE_JS, timeout=RENDER_TIMEOUT_MS, polling=1000)
                 view = page.locator(".sfp-neuron-view").first
+                view.wait_for(state="attached", timeout=RENDER_TIMEOUT_MS)
                 view.scroll_into_view_if_needed()
+                page.wait_for_function(_NEURON_NORMS_JS, timeout=120_000, polling=1000)
                 before = page.evaluate(_NEURON_NORMS_JS)
                 view.get_by_role("button", name="register neurons zeroed").click()
                 page.wait_for_function(f"() => {{ const r = ({_NEURON_NORMS_JS})(); "
