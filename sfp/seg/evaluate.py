@@ -168,42 +168,9 @@ class EvalState:
         return self.directory / "manifest.json"
 
     def prepare(self, restart: bool = False) -> None:
-        """Create the directory and manifest, or check that the stored one matches.
-
-        Raises:
-            StaleStateError: the directory holds state of another configuration (and
-                ``restart`` is False).
-        """
-        if restart and self.directory.exists():
-            shutil.rmtree(self.directory)
-        if self.manifest_path.is_file():
-            try:
-                stored = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-                old = stored["fingerprint"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise StaleStateError(
-                    f"The saved state in {self.directory} is unreadable ({exc}). Re-run with "
-                    "--restart to discard it."
-                ) from exc
-            if old != self.fingerprint:
-                changes = _diff(old, self.fingerprint)
-                shown = "; ".join(changes[:6]) + (" ..." if len(changes) > 6 else "")
-                raise StaleStateError(
-                    f"{self.directory} holds the saved progress of a different configuration "
-                    f"(changed: {shown}). Re-run with --restart to discard it and start over, "
-                    "or choose another --out."
-                )
-            return
-        if self.directory.exists() and any(self.directory.glob("rank*.jsonl")):
-            raise StaleStateError(
-                f"{self.directory} holds per-image state but no manifest. Re-run with "
-                "--restart to discard it."
-            )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            self.manifest_path,
-            {"sfp_version": __version__, "fingerprint": self.fingerprint},
-        )
+        """Create the directory and manifest, or check that the stored one matches
+        (:func:`prepare_state_dir`)."""
+        prepare_state_dir(self.directory, self.fingerprint, restart, state_glob="rank*.jsonl")
 
     def load(self, names: Sequence[str]) -> dict[int, np.ndarray]:
         """Finished images of every rank file: ``{index: [[gt, pred, pixels], ...]}``.
@@ -254,6 +221,50 @@ class EvalState:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def prepare_state_dir(directory: str | os.PathLike[str], fingerprint: dict[str, Any],
+                      restart: bool = False, *, state_glob: str = "*",
+                      what: str = "configuration") -> None:
+    """The resumable-state directory of a long run: created with a manifest holding
+    ``fingerprint``, or checked against the stored one (``restart`` discards it first).
+
+    state_glob: the state files that must not exist without a manifest. what: the word for
+    the run in the messages ("configuration").
+
+    Raises:
+        StaleStateError: the directory holds state of another run, an unreadable manifest, or
+            state files without a manifest (and ``restart`` is False).
+    """
+    directory = Path(directory)
+    manifest = directory / "manifest.json"
+    fingerprint = _jsonable(fingerprint)
+    if restart and directory.exists():
+        shutil.rmtree(directory)
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StaleStateError(
+                f"The saved state in {directory} is unreadable ({exc}). Re-run with "
+                "--restart to discard it."
+            ) from exc
+        if old != fingerprint:
+            changes = _diff(old, fingerprint)
+            shown = "; ".join(changes[:6]) + (" ..." if len(changes) > 6 else "")
+            raise StaleStateError(
+                f"{directory} holds the saved progress of a different {what} "
+                f"(changed: {shown}). Re-run with --restart to discard it and start over, "
+                "or choose another --out."
+            )
+        return
+    if directory.exists() and any(p.name != "manifest.json" for p in directory.glob(state_glob)):
+        raise StaleStateError(
+            f"{directory} holds saved state but no manifest. Re-run with --restart to "
+            "discard it."
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, {"sfp_version": __version__, "fingerprint": fingerprint})
 
 
 def _dense(entries: np.ndarray, num_classes: int) -> np.ndarray:

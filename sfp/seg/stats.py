@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from sfp.core import forward, io
 from sfp.core import neurons as nr
 from sfp.core.errors import SFPError
 from sfp.seg.datasets import load_dataset
+from sfp.seg.evaluate import prepare_state_dir
 
 __all__ = ["QUANTILES", "StatsError", "dataset_stats", "image_source", "load_stats"]
 
@@ -129,26 +129,14 @@ def _fingerprint(bundle: Any, source: ImageSource, names: Sequence[str], size: i
 
 
 def _load_state(state_dir: Path, fingerprint: dict[str, Any], restart: bool) -> dict | None:
-    manifest = state_dir / "manifest.json"
-    if restart and state_dir.exists():
-        shutil.rmtree(state_dir)
-    if manifest.exists():
-        old = json.loads(manifest.read_text(encoding="utf-8"))
-        if old != fingerprint:
-            keys = set(old) | set(fingerprint)
-            diff = sorted(k for k in keys if old.get(k) != fingerprint.get(k))
-            raise StatsError(
-                f"{state_dir} holds the progress of a different run (differs in: "
-                f"{', '.join(diff)}); re-run with --restart (restart=True) to discard it."
-            )
-        path = state_dir / "state.npz"
-        if path.exists():
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+    """The saved state of this run, or None (the directory is checked or created by
+    :func:`sfp.seg.evaluate.prepare_state_dir`)."""
+    prepare_state_dir(state_dir, fingerprint, restart, state_glob="state.npz", what="run")
+    path = state_dir / "state.npz"
+    if not path.exists():
         return None
-    state_dir.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(fingerprint, indent=1), encoding="utf-8")
-    return None
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def dataset_stats(
