@@ -55,6 +55,7 @@ from torch import Tensor
 from sfp.core import forward
 from sfp.core.errors import InputError
 from sfp.core.hooks import EMBED, HookFn, Hooks, block_hook
+from sfp.core.probe import record
 
 __all__ = [
     "NeuronMap",
@@ -105,24 +106,12 @@ def _batches(images: Images) -> list[Tensor]:
     return out
 
 
-def _patch_norms(visual: torch.nn.Module, x: Tensor) -> dict[int, Tensor]:
-    """Patch-token norms per layer of one batch: {layer: (B, N)} (first forward)."""
-    num_layers = len(forward.blocks_of(visual))
-    norms: dict[int, Tensor] = {}
-    n_patches: list[int] = []
-
-    def look(h: Tensor, name: str) -> None:
-        layer = int(name.split(".")[1])
-        norms[layer] = h[:, 1 : 1 + n_patches[0]].float().norm(dim=-1)
-
-    def size(h: Tensor, name: str) -> None:
-        n_patches.append(h.shape[1] - 1)
-
-    hooks = [(EMBED, size)] + [(block_hook(l, "hook_resid_post"), look)
-                               for l in range(1, num_layers + 1)]
-    with torch.no_grad():
-        forward.run(visual, x, hooks)
-    return norms
+def _patch_norms(bundle: Any, x: Tensor) -> dict[int, Tensor]:
+    """Patch-token norms per layer of one batch: {layer: (B, N)} (first forward, a
+    :func:`sfp.core.probe.record` that keeps only the norms)."""
+    trace = record(bundle, x, store=())
+    n = trace.num_patches
+    return {layer: trace.token_norms(layer)[:, 1 : 1 + n] for layer in trace.layers}
 
 
 @dataclass(frozen=True)
@@ -219,7 +208,7 @@ def outlier_sources(
     _check_layer(outlier_layer, num_layers, "outlier_layer")
     _check_layer(max_layer, num_layers, "max_layer")
     batches = [forward.check_images(visual, b) for b in _batches(images)]
-    first = [_patch_norms(visual, b) for b in batches]
+    first = [_patch_norms(bundle, b) for b in batches]
     ratio = torch.stack([
         torch.cat([(n[l].amax(1) / n[l].median(1).values) for n in first]).mean()
         for l in range(1, num_layers + 1)
