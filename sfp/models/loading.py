@@ -19,7 +19,6 @@ import socket
 import sys
 import threading
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,14 @@ import torch
 from torch import nn
 
 from sfp.core.errors import SFPError
+from sfp.models.bundle import (  # noqa: F401  (re-exported: their historical home)
+    OPENAI_MEAN,
+    OPENAI_STD,
+    PROVENANCES,
+    ModelBundle,
+    ModelLoadError,
+    bundle_from_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +43,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_ENV = "SFP_CHECKPOINT"
 #: Seconds allowed for reaching the weights host before giving up.
 DOWNLOAD_TIMEOUT_S = 25.0
-#: open_clip stores OpenAI's CLIP normalisation constants here.
-OPENAI_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
-OPENAI_STD = tuple(open_clip.OPENAI_DATASET_STD)
 
 #: Precision names and the dtype of the converted weights (see :func:`set_precision`).
 PRECISIONS: dict[str, torch.dtype] = {
@@ -52,87 +56,6 @@ class WeightsUnavailableError(SFPError, RuntimeError):
     """Pretrained weights could not be found locally nor downloaded."""
 
     exit_code = 3
-
-
-class ModelLoadError(SFPError, ValueError):
-    """The model name, weights file or architecture is not usable."""
-
-
-#: Where a bundle's weights came from (``ModelBundle.provenance``), and the caveat every
-#: figure, widget and written image of such a model must carry (None: no caveat).
-PROVENANCES: dict[str, str | None] = {
-    "pretrained": None,  # an open_clip pretrained tag
-    "file": None,  # a local weights file
-    "random": "random weights (results mean nothing)",
-    "synthetic": "synthetic (planted outliers)",
-}
-
-
-@dataclass
-class ModelBundle:
-    """A loaded CLIP model with the facts the rest of the toolkit needs.
-
-    ``pretrained`` is the weights' description: a tag, a file path, ``"random"``, or
-    ``"synthetic (planted outliers)"`` for :mod:`sfp.models.synthetic` models; ``provenance``
-    says which kind of source that is (a key of :data:`PROVENANCES`).
-    """
-
-    model: nn.Module
-    preprocess: Callable[[Any], torch.Tensor]
-    tokenizer: Callable[..., torch.Tensor]
-    name: str
-    pretrained: str
-    patch_size: int
-    num_layers: int
-    width: int
-    heads: int
-    embed_dim: int
-    device: torch.device
-    image_size: tuple[int, int]
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-    quick_gelu: bool = False
-    provenance: str = "pretrained"
-
-    def __post_init__(self) -> None:
-        if self.provenance not in PROVENANCES:
-            raise ModelLoadError(f"provenance must be one of {sorted(PROVENANCES)}, got "
-                                 f"{self.provenance!r}.")
-
-    @property
-    def visual(self) -> nn.Module:
-        """The open_clip ``VisionTransformer``."""
-        return self.model.visual
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.visual.conv1.weight.dtype
-
-    @property
-    def is_random(self) -> bool:
-        return self.provenance == "random"
-
-    @property
-    def is_synthetic(self) -> bool:
-        return self.provenance == "synthetic"
-
-    @property
-    def caveat(self) -> str | None:
-        """What every output of this model must say about it (None for real weights)."""
-        return PROVENANCES[self.provenance]
-
-    @property
-    def label(self) -> str:
-        """Short human label, e.g. ``"ViT-B-16 / openai"``; used in titles."""
-        return f"{self.name} / {self.pretrained}"
-
-    def __repr__(self) -> str:
-        return (
-            f"ModelBundle(name={self.name!r}, pretrained={self.pretrained!r}, "
-            f"layers={self.num_layers}, width={self.width}, heads={self.heads}, "
-            f"patch={self.patch_size}, embed_dim={self.embed_dim}, device={self.device}, "
-            f"dtype={self.dtype}, quick_gelu={self.quick_gelu})"
-        )
 
 
 def _resolve_name(name: str) -> str:
@@ -440,7 +363,10 @@ def load_model(
     """Load an open_clip ViT CLIP model.
 
     Args:
-        name: open_clip model name (``open_clip.list_models()``), e.g. ``"ViT-B-16"``.
+        name: open_clip model name (``open_clip.list_models()``), e.g. ``"ViT-B-16"``, or
+            ``"toy"``: the toy CLIP shipped with sfp (:func:`sfp.models.toy.load_toy`; trained
+            on generated textures, offline; ``pretrained`` is then ignored unless it is a
+            weights file written by ``benchmarks/train_toy.py``).
         pretrained: a pretrained tag, a local weights file, or ``None`` for random weights.
         device: ``"cpu"``, ``"cuda"``...; None picks CUDA when available.
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (:func:`set_precision`: low-precision
@@ -458,6 +384,14 @@ def load_model(
     """
     if precision not in _PRECISIONS:
         raise ModelLoadError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
+    if name.lower() == "toy":
+        from sfp.models.toy import load_toy
+
+        path = pretrained if pretrained is not None and os.path.isfile(os.fspath(pretrained)) \
+            else None
+        bundle = load_toy(_resolve_device(device), path=path, quiet=quiet)
+        set_precision(bundle.model, precision)
+        return bundle
     name = _resolve_name(name)
     cfg = _check_vit_config(name)
     cfg_quick_gelu = bool(cfg.get("quick_gelu", False))
@@ -487,68 +421,6 @@ def load_model(
     return bundle_from_model(
         model, name=name, pretrained=label, preprocess=preprocess, quick_gelu=qg,
         mean=mean, std=std, provenance=provenance,
-    )
-
-
-def bundle_from_model(
-    model: nn.Module,
-    *,
-    name: str,
-    pretrained: str,
-    preprocess: Callable[[Any], torch.Tensor] | None = None,
-    quick_gelu: bool = False,
-    mean: tuple[float, ...] = OPENAI_MEAN,
-    std: tuple[float, ...] = OPENAI_STD,
-    provenance: str | None = None,
-) -> ModelBundle:
-    """Wrap an already-built open_clip CLIP model (ViT visual tower) in a bundle.
-
-    provenance: a key of :data:`PROVENANCES`; None: ``"random"`` when ``pretrained`` is
-    ``"random"``, else ``"pretrained"``.
-    """
-    if provenance is None:
-        provenance = "random" if pretrained == "random" else "pretrained"
-    visual = getattr(model, "visual", None)
-    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-    if visual is None or blocks is None or not hasattr(visual, "conv1"):
-        raise ModelLoadError(
-            "Only open_clip CLIP models with a ViT visual tower are supported "
-            f"(got {type(visual).__name__} as the visual tower)."
-        )
-    attn = blocks[0].attn
-    if not isinstance(attn, nn.MultiheadAttention):
-        raise ModelLoadError(
-            f"Unsupported attention module {type(attn).__name__}; sfp's forward needs "
-            "open_clip's standard ViT blocks (nn.MultiheadAttention)."
-        )
-    if getattr(visual, "attn_pool", None) is not None:
-        raise ModelLoadError("ViTs with attentional pooling (CoCa-style) are not supported.")
-    ps = visual.patch_size
-    ph, pw = (ps, ps) if isinstance(ps, int) else ps
-    if ph != pw:
-        raise ModelLoadError(f"Non-square patches {ps} are not supported.")
-    img = visual.image_size
-    image_size = (img, img) if isinstance(img, int) else tuple(img)
-    if preprocess is None:
-        preprocess = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
-    device = visual.conv1.weight.device
-    return ModelBundle(
-        model=model,
-        preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(name),
-        name=name,
-        pretrained=pretrained,
-        patch_size=int(ph),
-        num_layers=len(blocks),
-        width=int(visual.transformer.width),
-        heads=int(attn.num_heads),
-        embed_dim=int(visual.output_dim),
-        device=device,
-        image_size=image_size,  # type: ignore[arg-type]
-        mean=tuple(mean),  # type: ignore[arg-type]
-        std=tuple(std),  # type: ignore[arg-type]
-        quick_gelu=quick_gelu,
-        provenance=provenance,
     )
 
 

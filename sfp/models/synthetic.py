@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -87,7 +87,7 @@ from torch import nn
 
 from sfp.core import forward
 from sfp.core.hooks import block_hook, parse_hook_name
-from sfp.models.loading import PROVENANCES, ModelBundle, bundle_from_model
+from sfp.models.bundle import PROVENANCES, ModelBundle, bundle_from_model
 
 __all__ = [
     "SYNTHETIC_LABEL",
@@ -125,6 +125,9 @@ class PlantConfig:
     self_sink_logit: float = -4.0  # same for a planted query (planted tokens avoid each other)
     strength: float = 20.0  # default planted norm / median patch norm
     position_scale: float = 12.0  # random positional embedding x this (diverse patch tokens)
+    #: the dedicated residual channels (zero, one, eligible, cls, busy, the contrast channels,
+    #: the two massive ones: 7 + 2 s (s - 1)); None: a seeded draw
+    channels: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -441,6 +444,12 @@ def _plant(model: nn.Module, seed: int, onset: int, n_outliers: int, cfg: PlantC
     if n_ded > width // 4:
         raise ValueError(f"width {width} is too small to plant outliers ({n_ded} channels).")
     perm = torch.randperm(width, generator=gen)[:n_ded].tolist()
+    if cfg.channels is not None:
+        if len(cfg.channels) != n_ded or len(set(cfg.channels)) != n_ded or not all(
+                0 <= c < width for c in cfg.channels):
+            raise ValueError(f"PlantConfig.channels must be {n_ded} distinct channels of "
+                             f"0..{width - 1} for {p} px patches, got {cfg.channels}.")
+        perm = list(cfg.channels)
     ch = _Channels(
         zero=perm[0],
         one=perm[1],
@@ -673,18 +682,20 @@ def plant_outliers(
     quick_gelu: bool = False,
     pretrained: str = SYNTHETIC_LABEL,
     provenance: str = "synthetic",
+    tokenizer: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[ModelBundle, PlantedTruth]:
     """Plant the outlier circuit into an open_clip CLIP ``model`` (edited in place, on the CPU).
 
     Works on any open_clip CLIP with a ViT visual tower, random (as :func:`planted_model`
     builds) or trained. name: the label of the result; pretrained / provenance: the bundle's
-    (see :data:`sfp.models.loading.PROVENANCES`). Other arguments as :func:`planted_model`.
+    (see :data:`sfp.models.loading.PROVENANCES`); tokenizer: the bundle's (None: open_clip's
+    for ``name``). Other arguments as :func:`planted_model`.
     Returns ``(bundle, truth)``.
     """
     cfg = config or PlantConfig()
     strength = cfg.strength if strength is None else float(strength)
-    bundle_from_model(model, name=name, pretrained=pretrained,
-                      provenance=provenance)  # checks the architecture
+    bundle_from_model(model, name=name, pretrained=pretrained, provenance=provenance,
+                      tokenizer=tokenizer or (lambda texts: texts))  # checks the architecture
     num_layers = len(forward.blocks_of(model.visual))
     onset = _check_plant_args(num_layers, name, onset_layer, n_outliers, strength)
     g0 = forward.base_grid(model.visual)
@@ -694,7 +705,7 @@ def plant_outliers(
     massive_norm = _calibrate(model, plan, cfg, strength, seed)
     model = model.to(device)
     bundle = bundle_from_model(model, name=name, pretrained=pretrained, quick_gelu=quick_gelu,
-                               provenance=provenance)
+                               provenance=provenance, tokenizer=tokenizer)
     p = bundle.patch_size
     s = _subgrid(p, cfg.subgrid)
     description = (

@@ -62,6 +62,8 @@ TEMPLATES.register("sfp15", SFP15_TEMPLATES, display="15 SFP templates",
                        "log; the default of preset release-2025-12)")
 TEMPLATES.register("simple", ("a photo of a {}.",), display="'a photo of a {}.'",
                    doc="one template, 'a photo of a {}.': fast, for quick looks and tests")
+TEMPLATES.register("toy", ("a photo of {}.",), display="'a photo of {}.'",
+                   doc="the toy CLIP's template, 'a photo of {}.' (words of its captions)")
 
 TemplateSpec = str | Sequence[Template | str] | None
 """A template set name, a list of format strings with ``{}`` / callables, or None (openai80)."""
