@@ -16,6 +16,7 @@ __all__ = [
     "add_model_arguments",
     "add_segmenter_arguments",
     "load_bundle_from_args",
+    "model_name",
     "resolve_precision",
     "plain_text",
     "say_caveat",
@@ -30,7 +31,10 @@ def add_model_arguments(p: argparse.ArgumentParser, precision: str = "fp32") -> 
 
     precision: the default of --precision (``"auto"``: fp16 on CUDA as the release runs,
     fp32 on the CPU)."""
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
+    p.add_argument("--model", default=None,
+                   help="open_clip model name, or 'toy' for the toy CLIP shipped with sfp "
+                   "(trained on generated textures; no weights needed); default ViT-B-16, "
+                   "toy for --benchmark toy")
     p.add_argument(
         "--pretrained",
         default=None,
@@ -41,7 +45,8 @@ def add_model_arguments(p: argparse.ArgumentParser, precision: str = "fp32") -> 
                    help="activation of a plain state-dict file (OpenAI weights need yes)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--synthetic", action="store_true",
-                   help="use the planted-outlier model (no weights needed; NOT a real CLIP)")
+                   help="use the planted-outlier model (no weights needed; NOT a real CLIP); "
+                   "with --model toy: the toy CLIP with planted outliers")
     p.add_argument("--precision", default=precision, choices=_PRECISION_CHOICES,
                    help="fp16/bf16: weights in that dtype, LayerNorms in fp32 (the release's "
                    "convention); auto: fp16 on CUDA, fp32 on the CPU "
@@ -55,7 +60,12 @@ def load_bundle_from_args(args: argparse.Namespace) -> Any:
     """Load the model the shared model arguments ask for (in the asked precision)."""
     from sfp.models.loading import default_pretrained, load_model, set_precision
 
-    if getattr(args, "synthetic", False):
+    args.model = model_name(args)
+    if getattr(args, "synthetic", False) and args.model == "toy":
+        from sfp.models.toy import toy_planted_model
+
+        bundle, _ = toy_planted_model(args.device or "cpu", seed=args.seed)
+    elif getattr(args, "synthetic", False):
         from sfp.models.synthetic import planted_model
 
         bundle, _ = planted_model(args.model, seed=args.seed, device=args.device or "cpu")
@@ -78,6 +88,13 @@ def load_bundle_from_args(args: argparse.Namespace) -> Any:
     return bundle
 
 
+def model_name(args: argparse.Namespace) -> str:
+    """--model, or its default: ``"toy"`` for ``--benchmark toy``, else ``"ViT-B-16"``."""
+    if getattr(args, "model", None):
+        return "toy" if args.model.lower() == "toy" else args.model
+    return "toy" if getattr(args, "benchmark", None) == "toy" else "ViT-B-16"
+
+
 def resolve_precision(args: argparse.Namespace, device: Any) -> str:
     """The precision the arguments ask for on ``device`` (``auto`` resolved)."""
     from sfp.models.loading import default_precision
@@ -98,14 +115,22 @@ def say_caveat(command: str, bundle: Any) -> None:
               "image written carries a banner saying so.", file=sys.stderr)
 
 
-def add_segmenter_arguments(p: argparse.ArgumentParser) -> None:
-    """--method / --preset / --templates / --batch-size and the settings overrides."""
+def add_segmenter_arguments(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
+    """--method / --preset / --templates / --batch-size and the settings overrides.
+
+    allow_all: --method also takes ``all`` (every encoder, and sfp with every preset), and
+    its default is None (the command decides)."""
     from sfp.methods.config import PRESETS
     from sfp.methods.encoders import available_methods
     from sfp.models.text import TEMPLATES
 
-    p.add_argument("--method", default="sfp", choices=available_methods(),
-                   help="dense encoder (default sfp)")
+    if allow_all:
+        p.add_argument("--method", default=None, choices=(*available_methods(), "all"),
+                       help="dense encoder, or all: every encoder and sfp with every preset, "
+                       "one table (default sfp; all for --benchmark toy)")
+    else:
+        p.add_argument("--method", default="sfp", choices=available_methods(),
+                       help="dense encoder (default sfp)")
     p.add_argument("--preset", default="official", choices=PRESETS.names(),
                    help="SFP configuration preset (method sfp only; default official)")
     p.add_argument("--templates", default=None, choices=TEMPLATES.names(),

@@ -12,8 +12,9 @@ _DESCRIPTION = """\
 The analysis figure families on four images, one report: demo_output/report.html.
 
 Loads ViT-B/16 with pretrained weights when they are available ($SFP_CHECKPOINT or the
-openai tag from the local cache or the network) and otherwise the planted-outlier model
-(sfp.models.synthetic), saying which at the top of the report and in the terminal.
+openai tag from the local cache or the network) and otherwise the toy CLIP shipped with
+sfp (trained on generated textures, sfp.models.toy) with planted outliers, saying which at
+the top of the report and in the terminal.
 """
 
 
@@ -28,7 +29,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true", help="one image only")
     p.add_argument("--synthetic", action="store_true",
                    help="use the planted-outlier model without looking for weights")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model (default ViT-B-16)")
+    p.add_argument("--model", default=None,
+                   help="open_clip model (default ViT-B-16 with pretrained weights, else the "
+                   "toy CLIP with planted outliers); with --synthetic: the planted random "
+                   "model of that architecture; 'toy': the toy CLIP, no planted outliers")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -97,7 +97,8 @@ def register(subparsers: Any) -> None:
                    help="SFP configuration of the stage ablation")
     p.add_argument("--feature-map", default="norm", choices=("norm", "pca"),
                    help="feature maps as L2 norm or PCA -> RGB")
-    p.add_argument("--size", type=int, default=224, help="short side in pixels (default 224)")
+    p.add_argument("--size", type=int, default=None,
+                   help="short side in pixels (default 224; the toy CLIP: its 128)")
     p.add_argument("--no-crop", action="store_true",
                    help="keep the aspect ratio instead of the central square crop")
     p.add_argument("--formats", default="png,svg", help="static formats (default png,svg)")
@@ -187,10 +188,11 @@ def run_figures(args: argparse.Namespace, bundle: Any | None = None) -> Path:
     # supplement Fig. 2 and the index: the demo's bar.
     bar = tqdm(total=8 * len(args.image) + 1, desc="figures", unit="step", file=sys.stderr,
                disable=getattr(args, "no_progress", False), dynamic_ncols=True)
+    size = args.size or ("model" if bundle.is_toy else 224)
     for path in args.image:
         name = _unique_stem(Path(path), used)
-        view = image_view(bundle, path, size=args.size, crop=not args.no_crop, name=name)
-        grid_view = (image_view(bundle, path, size=args.size, squash=True, name=name)
+        view = image_view(bundle, path, size=size, crop=not args.no_crop, name=name)
+        grid_view = (image_view(bundle, path, size=size, squash=True, name=name)
                      if as_released else None)
         bar.set_description(f"figures: {name} ({view.size[0]} x {view.size[1]} px)")
         rep = render_image(bundle, view, out / name, queries=queries, classes=args.classes,
@@ -251,7 +253,8 @@ def script_parser(description: str, default_out: str) -> argparse.ArgumentParser
     p.add_argument("--out", default=default_out, metavar="DIR",
                    help=f"output folder (default {default_out})")
     common.add_model_arguments(p)
-    p.add_argument("--size", type=int, default=224, help="short side in pixels (default 224)")
+    p.add_argument("--size", type=int, default=None,
+                   help="short side in pixels (default 224; the toy CLIP: its 128)")
     p.add_argument("--no-crop", action="store_true", help="keep the aspect ratio")
     p.add_argument("--formats", default="png,svg", help="static formats (default png,svg)")
     p.add_argument("--dpi", type=int, default=150, help="PNG resolution (default 150)")
@@ -265,13 +268,13 @@ def script_inputs(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]:
 
     bundle = common.load_bundle_from_args(args)
     print(f"model: {bundle.label}", file=sys.stderr)
-    crop = not args.no_crop
+    crop, size = not args.no_crop, args.size or ("model" if bundle.is_toy else 224)
     if args.image:
         used: set[str] = set()
-        views = [image_view(bundle, p, size=args.size, crop=crop,
+        views = [image_view(bundle, p, size=size, crop=crop,
                             name=_unique_stem(Path(p), used)) for p in args.image]
     else:
-        views = [image_view(bundle, sample_images()["astronaut"], size=args.size, crop=crop,
+        views = [image_view(bundle, sample_images()["astronaut"], size=size, crop=crop,
                             name="astronaut")]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     return bundle, views, formats

@@ -92,14 +92,39 @@ def _precision_line(args: argparse.Namespace, bundle: Any) -> str:
     return line + ")"
 
 
+def _eval_one(args: argparse.Namespace, bundle: Any, dataset: Any, state_dir: Path,
+              ctx: Any) -> tuple[Any, Any, dict[str, Any], str | None, float]:
+    """Evaluate ``args.method`` (with ``args.preset`` for sfp), progress in ``state_dir``:
+    ``(segmenter, result, fingerprint, preset, seconds)``."""
+    from sfp.seg.evaluate import EvalState, evaluate, make_fingerprint
+    from sfp.seg.pipeline import Segmenter
+
+    seg = Segmenter.for_benchmark(bundle, args.benchmark, **common.segmenter_overrides(args))
+    preset = args.preset if args.method == "sfp" else None
+    fingerprint = make_fingerprint(seg, dataset, limit=args.limit, preset=preset, seed=args.seed)
+    t0 = time.perf_counter()
+    try:
+        res = evaluate(seg, dataset, limit=args.limit, state=EvalState(state_dir, fingerprint),
+                       restart=args.restart, ctx=ctx, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        if ctx.is_main:
+            print(f"sfp eval: progress is saved in {state_dir}; run the same command "
+                  "again to resume.", file=sys.stderr)
+        raise
+    return seg, res, fingerprint, preset, time.perf_counter() - t0
+
+
 def _run_eval(args: argparse.Namespace) -> int:
+    from sfp.core.errors import SFPError
+    from sfp.methods.encoders import method_variants
     from sfp.seg.datasets import load_dataset
     from sfp.seg.distributed import init_distributed, rank_device
-    from sfp.seg.evaluate import EvalState, evaluate, make_fingerprint, write_json_atomic
-    from sfp.seg.pipeline import Segmenter
+    from sfp.seg.evaluate import write_json_atomic
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}.")
+    if args.method is None:
+        args.method = "all" if args.benchmark == "toy" else "sfp"
     out = Path(args.out)
     state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".state")
     ctx = init_distributed(args.device)
@@ -107,34 +132,58 @@ def _run_eval(args: argparse.Namespace) -> int:
         args.device = rank_device(ctx, args.device)
         dataset = load_dataset(args.benchmark, args.data_root, split=args.split)
         bundle = common.load_bundle_from_args(args)
-        seg = Segmenter.for_benchmark(bundle, args.benchmark, **common.segmenter_overrides(args))
-        preset = args.preset if args.method == "sfp" else None
-        fingerprint = make_fingerprint(seg, dataset, limit=args.limit, preset=preset,
-                                       seed=args.seed)
         if ctx.is_main:
             print(_precision_line(args, bundle), file=sys.stderr)
-        t0 = time.perf_counter()
-        try:
-            res = evaluate(seg, dataset, limit=args.limit, state=EvalState(state_dir, fingerprint),
-                           restart=args.restart, ctx=ctx, progress=not args.no_progress)
-        except KeyboardInterrupt:
+            common.say_caveat("eval", bundle)
+        if args.method != "all":
+            seg, res, fp, preset, secs = _eval_one(args, bundle, dataset, state_dir, ctx)
             if ctx.is_main:
-                print(f"sfp eval: progress is saved in {state_dir}; run the same command "
-                      "again to resume.", file=sys.stderr)
-            raise
+                write_json_atomic(out, _results(args, seg, bundle, res, fp, preset))
+                m = res.metrics
+                print(f"{args.benchmark} / {seg.method}: mIoU {m.miou * 100:.2f}  aAcc "
+                      f"{m.aacc * 100:.2f}  mAcc {m.macc * 100:.2f}  ({res.num_images} images, "
+                      f"{res.resumed} resumed, {secs:.1f} s, {ctx.world_size} process(es))")
+                print(f"wrote {out}")
+            return 0
+        rows: list[dict[str, Any]] = []
+        for method, preset in method_variants():
+            run = argparse.Namespace(**{**vars(args), "method": method,
+                                        "preset": preset or args.preset})
+            label = method if preset is None else f"{method}/{preset}"
+            try:
+                seg, res, fp, pr, secs = _eval_one(
+                    run, bundle, dataset, state_dir / label.replace("/", "-"), ctx)
+            except SFPError as exc:  # a preset that does not apply to this model
+                rows.append({"method": method, "preset": preset, "label": label,
+                             "skipped": str(exc)})
+                continue
+            rows.append({"label": label, "seconds": round(secs, 1),
+                         **_results(run, seg, bundle, res, fp, pr)})
         if ctx.is_main:
-            write_json_atomic(out, _results(args, seg, bundle, res, fingerprint, preset))
-            m = res.metrics
-            print(
-                f"{args.benchmark} / {seg.method}: mIoU {m.miou * 100:.2f}  aAcc "
-                f"{m.aacc * 100:.2f}  mAcc {m.macc * 100:.2f}  ({res.num_images} images, "
-                f"{res.resumed} resumed, {time.perf_counter() - t0:.1f} s, {ctx.world_size} "
-                "process(es))"
-            )
+            write_json_atomic(out, {"benchmark": args.benchmark, "split": args.split,
+                                    "model": bundle.name, "pretrained": bundle.pretrained,
+                                    "provenance": bundle.provenance, "results": rows,
+                                    "sfp_version": __version__})
+            n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+            print(method_table(rows, f"{args.benchmark} ({dataset.split}, {n} images), "
+                                     f"{bundle.name}: {bundle.caveat or bundle.pretrained}"))
             print(f"wrote {out}")
     finally:
         ctx.shutdown()
     return 0
+
+
+def method_table(rows: list[dict[str, Any]], title: str) -> str:
+    """The per-method table of ``sfp eval --method all`` (mIoU, aAcc, mAcc in %)."""
+    width = max(len(r["label"]) for r in rows) + 2
+    lines = [title, f"{'method':<{width}}{'mIoU':>7}{'aAcc':>7}{'mAcc':>7}"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['label']:<{width}}  n/a: {r['skipped']}")
+        else:
+            lines.append(f"{r['label']:<{width}}{r['mIoU']:7.2f}{r['aAcc']:7.2f}"
+                         f"{r['mAcc']:7.2f}")
+    return "\n".join(lines)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
@@ -174,7 +223,8 @@ def register(subparsers: Any) -> None:
         "the ranks.",
     )
     e.add_argument("--benchmark", required=True, choices=BENCHMARKS.names())
-    e.add_argument("--data-root", required=True, help="dataset root (mmseg layout)")
+    e.add_argument("--data-root", default=None,
+                   help="dataset root (mmseg layout); not needed for the generated toy benchmark")
     e.add_argument("--out", required=True, help="results JSON file")
     e.add_argument("--split", default="val", help="split (default val)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
@@ -184,7 +234,7 @@ def register(subparsers: Any) -> None:
                    "(default: <out>.state)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_model_arguments(e, precision="auto")
-    common.add_segmenter_arguments(e)
+    common.add_segmenter_arguments(e, allow_all=True)
     e.set_defaults(func=_run_eval)
 
     pr = subparsers.add_parser(

@@ -22,12 +22,21 @@ from typing import Any
 from sfp.methods import baselines, purify, registers  # noqa: F401  (they register their methods)
 from sfp.methods.base import ENCODERS, Encoder, register_encoder
 
-__all__ = ["Encoder", "available_methods", "make_encoder", "register_encoder"]
+__all__ = ["Encoder", "available_methods", "make_encoder", "method_variants", "register_encoder"]
 
 
 def available_methods() -> tuple[str, ...]:
     """Names accepted by :func:`make_encoder`, in registration order."""
     return ENCODERS.names()
+
+
+def method_variants() -> list[tuple[str, str | None]]:
+    """Every encoder once and ``sfp`` once per preset, as ``(method, preset)`` pairs (preset
+    None for the others): what ``sfp eval --method all`` and the toy tables compare."""
+    from sfp.methods.config import PRESETS
+
+    out: list[tuple[str, str | None]] = [(m, None) for m in available_methods() if m != "sfp"]
+    return out + [("sfp", p) for p in PRESETS.names()]
 
 
 class _AdaptedEncoder(Encoder):

@@ -42,6 +42,7 @@ __all__ = [
     "benchmark_classes",
     "class_list",
     "class_names",
+    "file_benchmarks",
     "get_benchmark",
     "model_key",
 ]
@@ -255,6 +256,8 @@ class Benchmark:
     source: str = ""
     model_settings: tuple[tuple[str, Changes], ...] = ()
     method_settings: tuple[tuple[str, Changes], ...] = ()
+    generated: bool = False
+    """Scenes generated from a seed (the toy benchmark): no files, no data root."""
 
     def settings_for(self, method: str | None = None, model: str | None = None) -> Settings:
         """The settings for ``method`` (e.g. ``"sfp"``, ``"sc-clip"``) on ``model`` (an
@@ -290,7 +293,7 @@ class Benchmark:
         return names
 
 
-#: The eight benchmarks by name (value: :class:`Benchmark`).
+#: The eight benchmarks (and the generated toy one) by name (value: :class:`Benchmark`).
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
 
 _CFG = "Kimsure/SFP SFP_ICCV/configs/cfg_{}.py"
@@ -317,6 +320,28 @@ for _name, _display, _bg, _settings, _cfg, _models, _methods in (
                                          source=_source, model_settings=_models,
                                          method_settings=_methods), display=_display)
 del _name, _display, _bg, _settings, _cfg, _models, _methods, _source
+
+#: The generated benchmark of the toy CLIP (:mod:`sfp.models.toy`): scenes made from a seed,
+#: no files (:class:`sfp.seg.datasets.ToyDataset`).
+TOY_LAYOUT = DatasetSpec(
+    name="toy", num_classes=6, img_dir="", ann_dir="", img_suffix="", seg_map_suffix="",
+    split_file=None, reduce_zero_label=False, root_display="(generated)",
+    label_note="texture index 0..5, 255 = ignore",
+    hint="The toy benchmark is generated from a seed; it needs no --data-root.",
+)
+BENCHMARKS.register(
+    "toy",
+    Benchmark("toy", "Toy textures (generated)", TOY_LAYOUT, False,
+              Settings(short_side=128, crop=128, stride=64), templates="toy",
+              source="sfp's toy benchmark: 128 px generated scenes, one 128 px window",
+              generated=True),
+    display="Toy textures (generated)",
+)
+
+
+def file_benchmarks() -> list[str]:
+    """Names of the benchmarks read from files (all but the generated toy one)."""
+    return [n for n in BENCHMARKS.names() if not get_benchmark(n).generated]
 
 
 def get_benchmark(name: str) -> Benchmark:

@@ -31,6 +31,7 @@ __all__ = [
     "DatasetLayoutError",
     "Sample",
     "SegDataset",
+    "ToyDataset",
     "apply_reduce_zero_label",
     "load_dataset",
     "prepare_coco_object",
@@ -239,15 +240,75 @@ class SegDataset:
         )
 
 
-def load_dataset(name: str, root: str | os.PathLike[str], split: str = "val") -> SegDataset:
-    """Open benchmark ``name`` (one of :data:`sfp.seg.benchmarks.BENCHMARKS`) under ``root``.
+class ToyDataset:
+    """The generated toy benchmark (:func:`sfp.models.toy.toy_scenes`): ``n`` scenes of
+    128 px with their texture masks, scene ``i`` a function of ``(split, i)`` alone (so
+    ``--limit`` takes a prefix of the same scenes). Same interface as :class:`SegDataset`.
+    """
+
+    ignore_index: int = IGNORE_INDEX
+    #: Scenes per split and the seed offset of each split (training uses seeds < 10**8).
+    SPLITS: dict[str, tuple[int, int]] = {"val": (100, 10**9), "test": (500, 2 * 10**9)}
+
+    def __init__(self, split: str = "val", n: int | None = None) -> None:
+        if split not in self.SPLITS:
+            raise DatasetLayoutError(f"The toy benchmark has splits {sorted(self.SPLITS)}, not "
+                                     f"{split!r}.")
+        size, self.offset = self.SPLITS[split]
+        self.split = split
+        self.benchmark = "toy"
+        self.num_classes = get_benchmark("toy").num_classes
+        self.reduce_zero_label = False
+        self.root = None
+        self.source = f"generated: toy {split}, seeds {self.offset}+i"
+        self.names = [f"{split}_{i:04d}" for i in range(size if n is None else int(n))]
+
+    @property
+    def class_names(self) -> list[str]:
+        return get_benchmark("toy").class_names()
+
+    def image_path(self, i: int) -> str:
+        return f"<generated scene {self.names[i]}>"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> Sample:
+        from sfp.models.toy import toy_scenes
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        i %= len(self)
+        scene = toy_scenes(1, self.offset + i)
+        image = (scene.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return Sample(image=image, label=scene.labels[0].numpy(), name=self.names[i])
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"ToyDataset(split={self.split!r}, n={len(self)}, num_classes={self.num_classes})"
+
+
+def load_dataset(name: str, root: str | os.PathLike[str] | None = None,
+                 split: str = "val") -> SegDataset | ToyDataset:
+    """Open benchmark ``name`` (one of :data:`sfp.seg.benchmarks.BENCHMARKS`) under ``root``
+    (the generated toy benchmark needs no root and ignores it).
 
     Raises:
         ValueError: unknown name.
-        DatasetLayoutError: missing root / folder / split file (message shows the expected
-            tree), an empty split, or a sample without its image or label.
+        DatasetLayoutError: no root for a benchmark read from files; missing root / folder /
+            split file (message shows the expected tree), an empty split, or a sample without
+            its image or label.
     """
-    return SegDataset(get_benchmark(name).layout, root, split)
+    bench = get_benchmark(name)
+    if bench.generated:
+        return ToyDataset(split)
+    if root is None:
+        raise DatasetLayoutError(f"{bench.name} is read from files: give its root (--data-root "
+                                 f"DIR), laid out as\n\n{bench.layout.expected_tree(split)}")
+    return SegDataset(bench.layout, root, split)
 
 
 #: Version of the COCO-Object label rule; written to :data:`COCO_OBJECT_MARKER` in the output

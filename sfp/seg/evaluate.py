@@ -122,7 +122,8 @@ def make_fingerprint(
             "version": STATE_VERSION,
             "benchmark": dataset.benchmark,
             "split": dataset.split,
-            "data_root": str(Path(dataset.root).resolve()),
+            "data_root": (str(Path(dataset.root).resolve()) if dataset.root is not None
+                          else getattr(dataset, "source", None)),
             "num_images": len(ids),
             "ids_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest(),
             "limit": limit,
@@ -131,7 +132,7 @@ def make_fingerprint(
             "encoder_config": config_dict(segmenter.encoder.config),
             "model": bundle.name,
             "pretrained": bundle.pretrained,
-            "seed": seed if bundle.provenance in ("random", "synthetic") else None,
+            "seed": seed if bundle.provenance in ("random", "synthetic", "toy-planted") else None,
             "dtype": str(bundle.dtype).replace("torch.", ""),
             "segmenter": segmenter.params(),
             "classes": segmenter.classes,
