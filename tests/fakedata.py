@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sfp.seg.benchmarks import BENCHMARKS, get_benchmark
+from sfp.seg.benchmarks import file_benchmarks, get_benchmark
 
-BENCHMARK_NAMES = BENCHMARKS.names()
+BENCHMARK_NAMES = tuple(file_benchmarks())
 
 __all__ = ["FAKE_ROOTS", "fake_ids", "make_fake_dataset", "voc_palette", "write_label"]
 

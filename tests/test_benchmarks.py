@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from sfp.seg.benchmarks import BENCHMARKS, get_benchmark, model_key
+from sfp.seg.benchmarks import file_benchmarks, get_benchmark, model_key
 from sfp.seg.pipeline import Segmenter
 
 SIMPLE = ["a photo of a {}."]
@@ -53,7 +53,7 @@ def test_method_overrides_sc_clip_ade() -> None:
     assert ade.settings_for("SC_CLIP").short_side == 336
     assert ade.settings_for(None).short_side == 384
     assert all(get_benchmark(n).settings_for("sc-clip").short_side == RELEASED[n][0]
-               for n in BENCHMARKS if n != "ade20k")
+               for n in file_benchmarks() if n != "ade20k")
 
 
 def test_for_benchmark_uses_method_and_model(tiny_vit) -> None:

@@ -9,7 +9,7 @@ import pytest
 from fakedata import FAKE_ROOTS, make_fake_dataset, write_label
 from PIL import Image
 
-from sfp.seg.benchmarks import BENCHMARKS, class_names, get_benchmark
+from sfp.seg.benchmarks import class_names, file_benchmarks, get_benchmark
 from sfp.seg.datasets import (
     COCO_OBJECT_FORMAT,
     COCO_OBJECT_MARKER,
@@ -19,7 +19,7 @@ from sfp.seg.datasets import (
     prepare_coco_object,
 )
 
-NAMES = BENCHMARKS.names()
+NAMES = tuple(file_benchmarks())
 
 EXPECTED_CLASSES = {
     "voc21": 21,

@@ -316,19 +316,20 @@ def test_sfp_presets(tiny_vit) -> None:
 
 
 def test_benchmark_presets_and_overrides(tiny_vit) -> None:
-    from sfp.seg.benchmarks import BENCHMARKS, get_benchmark
+    from sfp.seg.benchmarks import BENCHMARKS, file_benchmarks, get_benchmark
 
-    assert set(BENCHMARKS) == {
+    assert set(file_benchmarks()) == {
         "voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff164k",
         "cityscapes", "ade20k",
     }
+    assert set(BENCHMARKS) - set(file_benchmarks()) == {"toy"} and get_benchmark("toy").generated
     voc = get_benchmark("voc21").settings
     assert (voc.logit_scale, voc.prob_thd, voc.area_thd, voc.short_side) == (50.0, 0.15, 0.1, 336)
     assert get_benchmark("coco_object").settings.logit_scale == 55.0
     assert get_benchmark("coco_object").settings.prob_thd == 0.35
     assert get_benchmark("cityscapes").settings.short_side == 560
     assert all(get_benchmark(n).settings.crop == 224 and get_benchmark(n).settings.stride == 112
-               for n in BENCHMARKS)
+               for n in file_benchmarks())
     seg = Segmenter.for_benchmark(tiny_vit, "voc21", method="clip", templates=SIMPLE,
                                   prob_thd=0.3)
     assert seg.num_classes == 21 and seg.class_names[0] == "background"

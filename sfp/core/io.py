@@ -216,7 +216,9 @@ def banner_text(tag: dict[str, str]) -> str | None:
     if not caveat:
         return None
     model = tag.get("sfp:model", "unknown model").replace(f" / {caveat}", "")
-    return f"{caveat.upper()}: {model}, not a pretrained CLIP"
+    tail = "" if "not a pretrained CLIP" in caveat else ", not a pretrained CLIP"
+    # the banner font has no em dash
+    return f"{caveat.upper()}: {model}{tail}".replace("—", "-")
 
 
 def _banner_font(size: int) -> Any:

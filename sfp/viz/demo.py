@@ -1,16 +1,19 @@
 """The demo report (``sfp demo``, ``make demo``): the analysis figure families on four images.
 
 It loads ViT-B/16 with pretrained weights when they are available (``$SFP_CHECKPOINT`` or the
-``openai`` tag from the local cache / the network) and otherwise the planted-outlier model of
-:mod:`sfp.models.synthetic` — saying which, at the top of the report and in the terminal. Then, for
-three scikit-image photos and one generated scene, it records every layer, runs the outlier
+``openai`` tag from the local cache / the network) and otherwise the toy CLIP shipped with sfp
+(:mod:`sfp.models.toy`, trained on generated textures) with planted outliers — saying which, at
+the top of the report and in the terminal. Then, for three scikit-image photos and one generated
+scene (the toy CLIP: four generated texture scenes, segmented into the six textures), it records
+every layer, runs the outlier
 detectors and the SFP stages, and writes ``demo_output/report.html`` with the figures (PNG)
 and a short text for each saying what to look at, plus ``interactive.html`` (plotly,
 offline). The terminal shows the text queries embedded, a per-layer outlier table for one
 image, the tokens SOM flags there and how much SFP's features differ from CLIP's.
 
 Options: ``--out DIR`` (default ``demo_output``), ``--quick`` (one image), ``--synthetic``
-(skip looking for weights), ``--model NAME``.
+(skip looking for weights), ``--model NAME`` (with ``--synthetic``: the planted random model of
+that architecture; ``toy``: the toy CLIP without planted outliers).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ DEMO_IMAGES = ("astronaut", "chelsea", "coffee")
 #: (the paper averages the 80 OpenAI ImageNet templates).
 DEMO_TEMPLATES = ("a photo of a {}.",)
 DEMO_CLASSES = "voc21"
+#: Without real weights: the toy CLIP's classes, template and scenes (toy val split).
+TOY_CLASSES = "toy"
+TOY_TEMPLATES = ("a photo of {}.",)
+TOY_SCENES = 4
 
 
 def generated_scene(height: int = 224, width: int = 320, seed: int = 0) -> np.ndarray:
@@ -81,26 +88,43 @@ def _say(stream: TextIO, text: str = "") -> None:
     print(text, file=stream, flush=True)
 
 
-def _load(model: str, synthetic: bool, device: str | None, stream: TextIO) -> tuple[Any, str]:
-    """(bundle, sentence saying which weights are used and why)."""
+def _load(model: str | None, synthetic: bool, device: str | None, stream: TextIO
+          ) -> tuple[Any, str]:
+    """(bundle, sentence saying which weights are used and why).
+
+    model None: ViT-B-16 with pretrained weights, else the toy CLIP with planted outliers;
+    a name with ``synthetic``: the planted random model of that architecture."""
     from sfp.models.loading import WeightsUnavailableError, default_pretrained, load_model
     from sfp.models.synthetic import planted_model
+    from sfp.models.toy import load_toy, toy_planted_model
 
+    if model is not None and model.lower() == "toy":
+        bundle = load_toy(device or "cpu")
+        return bundle, (f"Running on the {bundle.caveat}: it segments generated texture "
+                        "scenes, and has no outliers of its own (see --synthetic).")
     if not synthetic:
         tag = default_pretrained()
         try:
-            bundle = load_model(model, tag, device=device)
+            bundle = load_model(model or "ViT-B-16", tag, device=device)
             return bundle, f"Using pretrained weights: {bundle.label}."
         except WeightsUnavailableError as exc:
             why = f"No pretrained weights: {exc}"
     else:
         why = "Pretrained weights not looked for (--synthetic)."
-    bundle, _truth = planted_model(model, device=device or "cpu")
+    if model is not None:
+        bundle, _truth = planted_model(model, device=device or "cpu")
+        return bundle, (
+            f"{why} Running on {bundle.label} instead — a random "
+            f"{model} whose weights are edited so that outliers appear at known places; every "
+            "figure is labelled 'synthetic (planted outliers)' and says nothing about real "
+            "CLIP. For the real picture: SFP_CHECKPOINT=/path/to/weights.pt make demo."
+        )
+    bundle, _truth = toy_planted_model(device or "cpu")
     return bundle, (
-        f"{why} Running on {bundle.label} instead — a random "
-        f"{model} whose weights are edited so that outliers appear at known places; every "
-        "figure is labelled 'synthetic (planted outliers)' and says nothing about real CLIP. "
-        "For the real picture: SFP_CHECKPOINT=/path/to/weights.pt make demo."
+        f"{why} Running on the {bundle.caveat} instead: a small CLIP trained on generated "
+        "texture scenes (so its segmentations of such scenes mean something), with outliers "
+        "planted at known places; it says nothing about real CLIP. For the real picture: "
+        "SFP_CHECKPOINT=/path/to/weights.pt make demo."
     )
 
 
@@ -145,7 +169,7 @@ def run_demo(
     out: str | Path = "demo_output",
     *,
     quick: bool = False,
-    model: str = "ViT-B-16",
+    model: str | None = None,
     synthetic: bool = False,
     device: str | None = None,
     bundle: Any = None,
@@ -165,7 +189,7 @@ def run_demo(
     if bundle is None:
         bundle, weights_note = _load(model, synthetic, device, stream)
     elif bundle.is_synthetic:
-        weights_note = (f"Running on {bundle.label}: a random {bundle.name} with outliers "
+        weights_note = (f"Running on {bundle.label}: {bundle.name} with outliers "
                         "planted at known places; nothing here says anything about real CLIP.")
     else:
         weights_note = f"Using {bundle.label}."
@@ -201,41 +225,42 @@ def _render_all(bundle: Any, out: Path, quick: bool, progress: bool
     text-query table)."""
     from tqdm.auto import tqdm
 
-    from sfp.core.io import sample_images
     from sfp.seg.pipeline import embed_classes
     from sfp.viz.figures.render import render_image, render_som_detections
     from sfp.viz.figures.views import image_view
 
-    photos = sample_images()
-    sources: list[tuple[str, Any, bool]] = [(n, photos[n], True) for n in DEMO_IMAGES]
-    sources.append(("generated_scene", generated_scene(), False))
+    sources, classes, templates = _sources(bundle)
     if quick:
         sources = sources[:1]
     bar = tqdm(total=2 + 7 * len(sources) + 1, desc="demo", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     t = time.perf_counter()
-    queries = embed_classes(bundle, DEMO_CLASSES, list(DEMO_TEMPLATES))
+    queries = embed_classes(bundle, classes, list(templates))
     t_text = time.perf_counter() - t
     bar.update(1)
+    why = ("the toy CLIP's captions use only these words" if getattr(bundle, "is_toy", False)
+           else "to stay fast on a CPU; the paper averages the 80 OpenAI ImageNet templates")
     text_lines = [
         f"{'class list':<12} {'classes':>8} {'names':>8} {'templates':>10} {'dim':>6} "
         f"{'seconds':>8}",
-        f"{DEMO_CLASSES:<12} {queries.num_classes:>8} {len(queries.names):>8} "
-        f"{len(DEMO_TEMPLATES):>10} {queries.embeddings.shape[1]:>6} {t_text:>8.1f}",
-        f"(one template, {DEMO_TEMPLATES[0]!r}, to stay fast on a CPU; the paper averages the "
-        "80 OpenAI ImageNet templates)",
+        f"{classes:<12} {queries.num_classes:>8} {len(queries.names):>8} "
+        f"{len(templates):>10} {queries.embeddings.shape[1]:>6} {t_text:>8.1f}",
+        f"(one template, {templates[0]!r}: {why})",
     ]
-    views = [image_view(bundle, src, crop=crop, name=name) for name, src, crop in sources]
+    size = "model" if getattr(bundle, "is_toy", False) else 224
+    views = [image_view(bundle, src, size=size, crop=crop, name=name)
+             for name, src, crop in sources]
     # the outlier grid as released: the image squashed to a square
-    grid_views = [image_view(bundle, src, squash=True, name=name) for name, src, _ in sources]
+    grid_views = [image_view(bundle, src, size=size, squash=True, name=name)
+                  for name, src, _ in sources]
     bar.update(1)
     reports = []
     for view, grid_view in zip(views, grid_views, strict=True):
         bar.set_description(f"demo: {view.name}")
         reports.append(render_image(
-            bundle, view, out / view.name, queries=queries, classes=DEMO_CLASSES,
+            bundle, view, out / view.name, queries=queries, classes=classes,
             formats=("png",), dpi=100, interactive=True,
-            templates_text=f" (voc21, template {DEMO_TEMPLATES[0]!r})",
+            templates_text=f" ({classes}, template {templates[0]!r})",
             step=lambda _name: bar.update(1), grid_view=grid_view,
         ))
     bar.set_description("demo: SOM detections")
@@ -244,6 +269,24 @@ def _render_all(bundle: Any, out: Path, quick: bool, progress: bool
     bar.update(1)
     bar.close()
     return reports, som, text_lines
+
+
+def _sources(bundle: Any) -> tuple[list[tuple[str, Any, bool]], str, tuple[str, ...]]:
+    """The demo's images ``(name, image, centre-crop?)``, class list and templates: photos
+    and a drawn landscape with voc21's classes, or for the toy CLIP generated texture scenes
+    with its six textures."""
+    if getattr(bundle, "is_toy", False):
+        from sfp.seg.datasets import ToyDataset
+
+        scenes = ToyDataset("val")
+        return ([(f"toy_scene_{i}", scenes[i].image, True) for i in range(TOY_SCENES)],
+                TOY_CLASSES, TOY_TEMPLATES)
+    from sfp.core.io import sample_images
+
+    photos = sample_images()
+    sources: list[tuple[str, Any, bool]] = [(n, photos[n], True) for n in DEMO_IMAGES]
+    sources.append(("generated_scene", generated_scene(), False))
+    return sources, DEMO_CLASSES, DEMO_TEMPLATES
 
 
 def _interactive_page(out: Path, reports: list[Any], som: Any, bundle: Any,

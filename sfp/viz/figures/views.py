@@ -56,17 +56,20 @@ def image_view(
     bundle: Any,
     src: io.ImageSource,
     *,
-    size: int | None = 224,
+    size: int | None | str = 224,
     crop: bool = True,
     name: str | None = None,
     squash: bool = False,
 ) -> ImageView:
-    """Load ``src`` (path, PIL, array, tensor), resize its short side to ``size`` and, with
+    """Load ``src`` (path, PIL, array, tensor), resize its short side to ``size`` (default 224;
+    ``"model"``: the model's input size, 128 for the toy CLIP) and, with
     ``crop``, take the central ``size x size`` crop (``crop=False`` keeps the aspect ratio: a
     non-square patch grid). ``squash``: resize to ``size x size`` ignoring the aspect ratio,
     no crop (the released notebook's ``Resize((224, 224))``; bilinear, antialiased).
     Returns an :class:`ImageView`."""
     img = io.load_image(src)
+    if size == "model":
+        size = int(bundle.image_size[0])
     if size is not None and squash:
         img = torch.nn.functional.interpolate(img[None], size=(size, size), mode="bilinear",
                                               align_corners=False, antialias=True)[0]

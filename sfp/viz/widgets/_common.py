@@ -374,9 +374,15 @@ def html_escape(text: str) -> str:
 WIDGET_SETTINGS = Settings(short_side=224)
 
 
-def widget_settings(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
-    """``settings`` (default :data:`WIDGET_SETTINGS`) with ``overrides`` (its field names:
-    short_side, crop, stride, logit_scale, prob_thd, area_thd, max_long_side) applied."""
+def widget_settings(settings: Settings | None, overrides: Mapping[str, Any],
+                    bundle: Any = None) -> Settings:
+    """``settings`` (default :data:`WIDGET_SETTINGS`; for the toy CLIP the toy benchmark's, one
+    128 px window) with ``overrides`` (its field names: short_side, crop, stride, logit_scale,
+    prob_thd, area_thd, max_long_side) applied."""
+    if settings is None and getattr(bundle, "is_toy", False):
+        from sfp.seg.benchmarks import get_benchmark
+
+        settings = get_benchmark("toy").settings
     base = WIDGET_SETTINGS if settings is None else settings
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Settings)})
     if unknown:

@@ -108,7 +108,7 @@ class StageComparison(SFPWidget):
         self.config = SFPConfig.official() if config is None else config
         self.stages: dict[str, StageSpec] = dict(stages) if stages else {
             name: (method, cfg) for name, method, cfg in stage_ladder(self.config)}
-        self.settings = widget_settings(settings, overrides)
+        self.settings = widget_settings(settings, overrides, bundle)
         self.seg_kwargs: dict[str, Any] = {"templates": templates,
                                            **self.settings.as_kwargs()}
         self.classes = classes

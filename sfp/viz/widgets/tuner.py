@@ -117,7 +117,7 @@ class ThresholdTuner(SFPWidget):
             (im.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8) for im in self.images
         ]
         self.masks = self._check_masks(masks)
-        self.settings = widget_settings(settings, overrides)
+        self.settings = widget_settings(settings, overrides, bundle)
         st = self.settings
         self.seg_kwargs: dict[str, Any] = dict(templates=templates, short_side=st.short_side,
                                                crop=st.crop, stride=st.stride,

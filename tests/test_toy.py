@@ -1,0 +1,208 @@
+"""The toy CLIP shipped with sfp: its tokenizer and scenes, the shipped weights (checksum,
+replayed training steps), its benchmark (mIoU well above chance through ``sfp eval``) and the
+planted toy model (outliers found by SOM / L2)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sfp.models import toy
+from sfp.models.loading import load_model
+from sfp.seg.datasets import ToyDataset, load_dataset
+
+CHANCE = 1 / len(toy.TEXTURES)
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return toy.load_toy()
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return toy.toy_planted_model(seed=0)
+
+
+# -- tokenizer and scenes ------------------------------------------------------------------
+
+
+def test_tokenizer_ids_by_hand():
+    tok = toy.ToyTokenizer()
+    ids = {w: i for i, w in enumerate(toy.VOCAB)}
+    t = tok(["A photo of Red dots.", "zebra stripes"])
+    assert t.shape == (2, toy.CONTEXT_LENGTH) and t.dtype == torch.long
+    assert t[0, :7].tolist() == [ids["<start>"], ids["a"], ids["photo"], ids["of"], ids["red"],
+                                 ids["dots"], ids["<end>"]]
+    assert t[0, 7:].eq(0).all()
+    assert t[1, :4].tolist() == [ids["<start>"], ids["<unk>"], ids["stripes"], ids["<end>"]]
+    # open_clip pools the text tower at the largest id: it must be the end token
+    assert int(t[0].argmax()) == 6 and ids["<end>"] == len(toy.VOCAB) - 1
+    long = tok(" ".join(["dots"] * 40))
+    assert long[0, -1] == ids["<end>"] and long[0, 0] == ids["<start>"]
+    assert tok.unknown("a zebra and a cat") == ["zebra", "cat"]
+
+
+def test_scenes_are_deterministic_and_captions_name_the_labels():
+    a, b = toy.toy_scenes(24, 7), toy.toy_scenes(24, 7)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.captions == b.captions
+    assert not torch.equal(a.images, toy.toy_scenes(24, 8).images)
+    assert a.images.shape == (24, 3, toy.IMAGE_SIZE, toy.IMAGE_SIZE)
+    assert 0 <= float(a.images.min()) and float(a.images.max()) <= 1
+    for i in range(24):
+        named = {w for w in toy.ToyTokenizer().words(a.captions[i]) if w in toy.TEXTURES}
+        scored = {toy.TEXTURES[int(v)] for v in a.labels[i].unique() if int(v) != 255}
+        assert named == scored, (a.captions[i], scored)
+        kept = [int(t) for t in a.textures[i] if int(t) >= 0]
+        assert len(kept) == len(set(kept))  # regions have distinct textures
+        assert 2 <= len(kept) <= 3
+
+
+def test_toy_dataset_reads_like_a_benchmark():
+    ds = load_dataset("toy")
+    assert isinstance(ds, ToyDataset) and len(ds) == 100 and ds.num_classes == 6
+    s = ds[3]
+    assert s.image.shape == (128, 128, 3) and s.image.dtype == np.uint8
+    assert s.label.shape == (128, 128) and s.label.dtype == np.int64
+    assert ds.class_names == list(toy.TEXTURES)
+    # scene i does not depend on how many scenes are asked for (--limit takes a prefix)
+    assert np.array_equal(ToyDataset("val", n=5)[3].image, s.image)
+    assert not np.array_equal(ToyDataset("test")[3].image, s.image)
+
+
+# -- shipped weights -----------------------------------------------------------------------
+
+
+def test_shipped_weights_match_their_record():
+    path = toy.toy_weights_path()
+    rec = toy.toy_manifest()
+    assert path.stat().st_size <= 8_000_000
+    assert toy.file_sha256(path) == rec["sha256"]
+    assert rec["architecture"] == json.loads(json.dumps(toy.TOY_CONFIG))
+    assert rec["config"]["steps"] >= 1000
+
+
+def test_first_training_steps_replay_the_record():
+    """The shipped run is a function of its config: its first steps give the same losses."""
+    from sfp.models.toy_training import TrainConfig, replay_losses
+
+    rec = toy.toy_manifest()
+    cfg = TrainConfig(**rec["config"])
+    losses = replay_losses(cfg, 3)
+    assert np.allclose(losses, rec["losses_first"][:3], atol=2e-3), (losses, rec["losses_first"])
+
+
+def test_load_model_toy_is_offline_and_labelled(clean, monkeypatch):
+    import socket
+
+    def no_network(*a, **k):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    b = load_model("toy", device="cpu")
+    assert b.provenance == "toy" and b.is_toy and not b.is_synthetic
+    assert "not a pretrained CLIP" in b.caveat and "generated textures" in b.caveat
+    assert (b.patch_size, b.num_layers, b.width, b.image_size) == (16, 6, 128, (128, 128))
+    for k, v in b.model.state_dict().items():
+        assert torch.equal(v, clean.model.state_dict()[k]), k
+
+
+def test_reserved_channels_carry_nothing(clean):
+    """Nothing the toy CLIP learned reads or writes the planted circuit's channels: in every
+    token they hold one common value (ln_pre's offset of a zero input), and no weight reads
+    them."""
+    from sfp.core.io import normalize
+    from sfp.core.probe import record
+
+    x = normalize(toy.toy_scenes(4, 3).images, clean)
+    trace = record(clean, x, store=("hidden",))
+    ch = list(toy.RESERVED_CHANNELS)
+    for layer in trace.layers:
+        h = trace.hidden(layer)[..., ch]
+        assert (h - h[..., :1]).abs().max() == 0, layer
+    for block in clean.visual.transformer.resblocks:
+        assert block.attn.in_proj_weight[:, ch].abs().max() == 0
+        assert block.mlp.c_fc.weight[:, ch].abs().max() == 0
+    assert clean.visual.proj[ch].abs().max() == 0
+
+
+# -- the toy benchmark ---------------------------------------------------------------------
+
+
+def test_toy_benchmark_segmentation_is_above_chance(clean):
+    """Dense segmentation of the shipped toy CLIP means something: every baseline is above
+    chance (1/6) and the best one well above it. (Plain clip's 0.26 is below the 0.35 the
+    toy model aims for; see the README.)"""
+    from sfp.seg.toy import toy_miou
+
+    miou = {m: toy_miou(clean, m, n=100) for m in ("clip", "maskclip", "naclip")}
+    assert miou["clip"] >= 0.22, miou
+    assert min(miou.values()) > CHANCE + 0.05 and max(miou.values()) >= 0.40, miou
+
+
+def test_sfp_eval_toy_prints_the_method_table_and_resumes(tmp_path, capsys):
+    from sfp.cli.app import main
+    from sfp.methods.encoders import method_variants
+
+    out = tmp_path / "toy.json"
+    argv = ["eval", "--benchmark", "toy", "--limit", "6", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    labels = [r["label"] for r in res["results"]]
+    assert labels == [m if p is None else f"{m}/{p}" for m, p in method_variants()]
+    assert res["provenance"] == "toy"
+    for r in res["results"]:
+        assert r["label"] in printed
+        if "skipped" in r:  # a preset written for 12-block models
+            assert "6-block" in r["skipped"]
+            continue
+        assert r["num_images"] == 6 and 0 <= r["mIoU"] <= 100
+        assert f"{r['mIoU']:7.2f}" in printed
+    assert main(argv) == 0  # everything is resumed from <out>.state
+    again = json.loads(out.read_text())
+    assert [r.get("mIoU") for r in again["results"]] == [r.get("mIoU") for r in res["results"]]
+
+
+# -- planted toy model ---------------------------------------------------------------------
+
+
+def test_planted_toy_uses_the_reserved_channels(planted):
+    bundle, truth = planted
+    assert bundle.provenance == "toy-planted" and bundle.is_synthetic and bundle.is_toy
+    assert truth.channels == toy.RESERVED_CHANNELS[-2:]
+    assert truth.n_outliers == 4 and truth.onset_layer == 3
+
+
+@pytest.mark.parametrize("detector", ["som", "l2"])
+def test_planted_toy_outliers_are_found(planted, detector):
+    from sfp.seg.toy import planted_recall
+
+    bundle, truth = planted
+    recall, total = planted_recall(bundle, truth, detector, n=50)
+    assert total >= 50  # about two planted tokens per scene
+    assert recall >= 0.9, recall
+
+
+def test_sfp_segment_with_the_toy_model_labels_its_files(tmp_path, capsys):
+    from PIL import Image
+
+    from sfp.cli.app import main
+
+    scene = ToyDataset("val")[1]
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "scene.png"), "--model", "toy", "--benchmark", "toy",
+                 "--method", "clip", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "toy CLIP trained on generated textures" in err
+    with Image.open(out / "scene_labels.png") as im:
+        labels = np.asarray(im).astype(np.int64)
+        assert "generated textures" in im.info.get("sfp:caveat", "")
+    scored = scene.label != 255
+    # pixel accuracy of one scene: above the 1/6 of guessing
+    assert (labels[scored] == scene.label[scored]).mean() > 0.3
