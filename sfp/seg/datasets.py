@@ -91,7 +91,36 @@ def _layout_error(spec: DatasetSpec, split: str, root: Path, missing: Path, what
     return msg
 
 
-class SegDataset:
+class _Samples:
+    """What both benchmark readers share: ``names``, length, iteration, range-checked
+    indices and the class names of ``benchmark``."""
+
+    benchmark: str
+    names: list[str]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Display names of the ``num_classes`` classes (from ``sfp/data/{name}.txt``)."""
+        return get_benchmark(self.benchmark).class_names()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _index(self, i: int) -> int:
+        """``i`` (negative counts from the end) as 0..len-1; IndexError outside."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        return i % len(self)
+
+    def __getitem__(self, i: int) -> Sample:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+class SegDataset(_Samples):
     """A benchmark split, read lazily: ``ds[i] -> Sample``, ``len(ds)``, iteration.
 
     Attributes:
@@ -208,18 +237,8 @@ class SegDataset:
         label = _read_label(self.label_path(i))
         return apply_reduce_zero_label(label) if self.reduce_zero_label else label
 
-    @property
-    def class_names(self) -> list[str]:
-        """Display names of the ``num_classes`` classes (from ``sfp/data/{name}.txt``)."""
-        return get_benchmark(self.benchmark).class_names()
-
-    def __len__(self) -> int:
-        return len(self.names)
-
     def __getitem__(self, i: int) -> Sample:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} samples")
-        i %= len(self)
+        i = self._index(i)
         image = _read_image(self.image_path(i))
         label = self.read_label(i)
         if image.shape[:2] != label.shape:
@@ -229,10 +248,6 @@ class SegDataset:
             )
         return Sample(image=image, label=label, name=self.names[i])
 
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self)):
-            yield self[i]
-
     def __repr__(self) -> str:
         return (
             f"SegDataset({self.benchmark!r}, root={str(self.root)!r}, split={self.split!r}, "
@@ -240,7 +255,7 @@ class SegDataset:
         )
 
 
-class ToyDataset:
+class ToyDataset(_Samples):
     """The generated toy benchmark (:func:`sfp.models.toy.toy_scenes`): ``n`` scenes of
     128 px with their texture masks, scene ``i`` a function of ``(split, i)`` alone (so
     ``--limit`` takes a prefix of the same scenes). Same interface as :class:`SegDataset`.
@@ -263,29 +278,16 @@ class ToyDataset:
         self.source = f"generated: toy {split}, seeds {self.offset}+i"
         self.names = [f"{split}_{i:04d}" for i in range(size if n is None else int(n))]
 
-    @property
-    def class_names(self) -> list[str]:
-        return get_benchmark("toy").class_names()
-
     def image_path(self, i: int) -> str:
         return f"<generated scene {self.names[i]}>"
-
-    def __len__(self) -> int:
-        return len(self.names)
 
     def __getitem__(self, i: int) -> Sample:
         from sfp.models.toy import toy_scenes
 
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} samples")
-        i %= len(self)
+        i = self._index(i)
         scene = toy_scenes(1, self.offset + i)
         image = (scene.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         return Sample(image=image, label=scene.labels[0].numpy(), name=self.names[i])
-
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self)):
-            yield self[i]
 
     def __repr__(self) -> str:
         return f"ToyDataset(split={self.split!r}, n={len(self)}, num_classes={self.num_classes})"
