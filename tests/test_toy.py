@@ -206,3 +206,14 @@ def test_sfp_segment_with_the_toy_model_labels_its_files(tmp_path, capsys):
     scored = scene.label != 255
     # pixel accuracy of one scene: above the 1/6 of guessing
     assert (labels[scored] == scene.label[scored]).mean() > 0.3
+
+
+def test_bad_toy_weights_and_tags_get_one_sentence(tmp_path):
+    from sfp.models.loading import ModelLoadError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage" * 10)
+    with pytest.raises(ModelLoadError, match="Could not read the toy CLIP weights"):
+        toy.load_toy(path=bad)
+    with pytest.raises(ModelLoadError, match="takes no pretrained tag"):
+        load_model("toy", "laion2b_s34b_b88k")

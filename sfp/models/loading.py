@@ -387,8 +387,13 @@ def load_model(
     if name.lower() == "toy":
         from sfp.models.toy import load_toy
 
-        path = pretrained if pretrained is not None and os.path.isfile(os.fspath(pretrained)) \
-            else None
+        path = None
+        if pretrained is not None and os.path.isfile(os.fspath(pretrained)):
+            path = pretrained
+        elif pretrained is not None and str(pretrained) != "openai":
+            raise ModelLoadError(f"The toy CLIP takes no pretrained tag, only a weights file "
+                                 f"written by benchmarks/train_toy.py; {pretrained!s} is not a "
+                                 "file.")
         bundle = load_toy(_resolve_device(device), path=path, quiet=quiet)
         set_precision(bundle.model, precision)
         return bundle

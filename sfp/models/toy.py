@@ -365,7 +365,11 @@ def load_toy(device: str | torch.device = "cpu", *, path: str | Path | None = No
         raise ModelLoadError(f"No toy CLIP weights at {file}; reinstall sfp or re-train them "
                              "with benchmarks/train_toy.py.")
     model = build_toy_clip()
-    sd = {k: v.float() for k, v in load_file(str(file), device="cpu").items()}
+    try:
+        sd = {k: v.float() for k, v in load_file(str(file), device="cpu").items()}
+    except Exception as exc:  # safetensors raises its own error type for a corrupt file
+        raise ModelLoadError(f"Could not read the toy CLIP weights {file} ({exc}); re-train "
+                             "them with benchmarks/train_toy.py or reinstall sfp.") from exc
     own = model.state_dict()
     if set(sd) != set(own) or any(tuple(sd[k].shape) != tuple(own[k].shape) for k in own):
         raise ModelLoadError(f"{file} does not hold toy CLIP weights of this sfp version; "
