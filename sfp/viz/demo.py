@@ -4,9 +4,9 @@ It loads ViT-B/16 with pretrained weights when they are available (``$SFP_CHECKP
 ``openai`` tag from the local cache / the network) and otherwise the toy CLIP shipped with sfp
 (:mod:`sfp.models.toy`, trained on generated textures) with planted outliers — saying which, at
 the top of the report and in the terminal. Then, for three scikit-image photos and one generated
-scene (the toy CLIP: four generated texture scenes, segmented into the six textures), it records
-every layer, runs the outlier
-detectors and the SFP stages, and writes ``demo_output/report.html`` with the figures (PNG)
+scene (the toy CLIP: four generated texture scenes, segmented into the six textures), it
+records every layer, runs the outlier detectors and the SFP stages, and writes
+``demo_output/report.html`` with the figures (PNG)
 and a short text for each saying what to look at, plus ``interactive.html`` (plotly,
 offline). The terminal shows the text queries embedded, a per-layer outlier table for one
 image, the tokens SOM flags there and how much SFP's features differ from CLIP's.
