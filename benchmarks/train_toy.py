@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/train_toy.py --steps 50 --out /tmp/toy.safetensors
 
 The run is a function of its config (sfp.models.toy_training.TrainConfig): phase 1 (1500
-steps, class-token loss), then phase 2 (600 steps, plus a mean-patch loss); on an idle 2-core
-CPU about 30 + 12 minutes. --phase1 FILE runs phase 2 alone from a phase-1 result. The record
-written next to the weights holds the config,
-the first losses (which the test suite replays), the loss curves and the checksum.
+steps, class-token loss), then phase 2 (600 steps, plus a mean-patch and a region-caption loss
+on the patch tokens); on an idle 2-core CPU about 30 + 14 minutes. --phase1 FILE runs phase 2
+alone from a phase-1 result. The record written next to the weights holds the config, the
+first losses (which the test suite replays), the loss curves and the checksum.
 """
 
 from __future__ import annotations
