@@ -5,9 +5,10 @@ it each method recovers.
 
 Models: the shipped toy CLIP (sfp.models.toy.load_toy) and the same weights with the planted
 circuit (toy_planted_model: register neurons write a massive activation into flat patches at
-seeded positions from block 3 on; blocks 4-6 attend to them). Data: the first N scenes of the
-generated toy benchmark (val split). Every encoder and SFP with every preset, one after the
-other in one process.
+seeded positions from block 3 on; blocks 4-6 attend to them, and in block 6 they carry one
+fixed vector, as large as a median patch token, into every token that attends to them). Data:
+the first N scenes of the generated toy benchmark (val split). Every encoder and SFP with
+every preset, one after the other in one process.
 
 Columns: mIoU (%) on the clean model; with the planted circuit's weight edits but no outliers
 ("circuit": the same model planted with strength 1e-6, so the outlier norm is ~0: what the

@@ -45,9 +45,17 @@ How it is built (``planted_model``)
        token and the other patches attend to the planted tokens (attention sinks that carry
        nothing), while the planted tokens avoid themselves: ``A[cls, i] > A[i, i]`` at exactly
        those tokens (SFP's criterion).
+    5. Optionally (``sink_value`` > 0, as the toy CLIP plants it), in the last
+       ``sink_value_layers`` blocks the value projection reads the massive channels too, so
+       the sinks carry one fixed vector per block (a random direction of the residual stream,
+       norm ``sink_value`` x the reference median patch norm) into every token that attends
+       to them: what a patch says is overwritten by something that is not about that patch,
+       which is how high-norm tokens spoil dense prediction (their content is global, not
+       local: Darcet et al.).
 
     ``massive_norm`` is calibrated on a generated reference scene so that the planted norm is
-    ``strength`` times the largest median patch norm of layers ``onset .. L``.
+    ``strength`` times the largest median patch norm of layers ``onset .. L`` (the reference
+    median patch norm).
 
 The planting rule (``PlantedTruth.mask``)
     A patch token is planted iff its grid position is *eligible* and its patch is *flat*:
@@ -123,6 +131,10 @@ class PlantConfig:
     patch_sink_logit: float = 4.0  # logit bonus of a patch query on a planted key
     cls_sink_logit: float = 8.0  # same for the class-token query
     self_sink_logit: float = -4.0  # same for a planted query (planted tokens avoid each other)
+    #: what a planted token's value carries in the last ``sink_value_layers`` blocks: one fixed
+    #: vector of norm ``sink_value`` x the reference median patch norm (0: nothing)
+    sink_value: float = 0.0
+    sink_value_layers: int = 1
     strength: float = 20.0  # default planted norm / median patch norm
     position_scale: float = 12.0  # random positional embedding x this (diverse patch tokens)
     #: the dedicated residual channels (zero, one, eligible, cls, busy, the contrast channels,
@@ -590,7 +602,29 @@ def _calibrate(
         read = _diff(ch.cls, ch.zero, width, boost / cls_marker[layer])
         for h in range(heads):
             w[h * d : (h + 1) * d] += torch.outer(u[h], read)
+    _plant_sink_values(blocks, plan, cfg, width, cfg.sink_value * ref, seed)
     return massive_norm
+
+
+def _plant_sink_values(blocks: nn.ModuleList, plan: _Plan, cfg: PlantConfig, width: int,
+                       norm: float, seed: int) -> None:
+    """Step 5: in the last ``cfg.sink_value_layers`` sink layers, a planted token's value
+    (after ``out_proj``) is ``norm`` along a random residual direction (planted channels 0).
+
+    A planted token's ``ln_1`` output is about ``+-sqrt(C / 2)`` on the two massive channels,
+    so the massive readout (their difference / sqrt 2) is about ``sqrt(C)``."""
+    if norm <= 0:
+        return
+    ch = plan.ch
+    massive_read = _diff(ch.massive[0], ch.massive[1], width, 1.0) / math.sqrt(2.0)
+    gen = torch.Generator().manual_seed(10_007 * int(seed) + 2)
+    layers = sorted(plan.u)[-max(1, cfg.sink_value_layers):]
+    for layer in layers:
+        attn = blocks[layer - 1].attn
+        r = torch.randn(width, generator=gen)
+        r[list(ch.all)] = 0
+        z = torch.linalg.pinv(attn.out_proj.weight) @ _unit(r)  # out_proj(z) ~ r
+        attn.in_proj_weight[2 * width:] += torch.outer(z, massive_read) * norm / math.sqrt(width)
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -715,6 +749,10 @@ def plant_outliers(
         f"{strength:g}x the median patch norm) on channels {plan.ch.massive}; from layer "
         f"{onset + 1} the class token and the other patches attend to them."
     )
+    if cfg.sink_value > 0:
+        description += (f" In the last {cfg.sink_value_layers} block(s) they carry a fixed "
+                         f"vector ({cfg.sink_value:g}x the median patch norm) into every token "
+                         "that attends to them.")
     truth = PlantedTruth(
         name=name,
         seed=int(seed),
