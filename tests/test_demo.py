@@ -81,3 +81,20 @@ def test_demo_parser(argv):
     args = build_parser().parse_args(argv)
     assert args.out in ("demo_output", "x")
     assert callable(args.func)
+
+
+def test_demo_on_the_toy_clip_scores_its_segmentations(tmp_path, monkeypatch):
+    import sfp.cli.app as cli
+    from sfp.models.toy import toy_planted_model
+
+    bundle, _ = toy_planted_model()
+    monkeypatch.setattr(demo, "_load", lambda *a, **k: (bundle, "Using the planted toy CLIP."))
+    out = tmp_path / "demo_output"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    text = (out / "report.html").read_text(encoding="utf-8")
+    assert (out / "toy_scene_0" / "stage_ablation.png").is_file()
+    scores = re.search(r"Against the ground truth \(bottom left\), this image&#x27;s mIoU: "
+                       r"CLIP ([\d.]+), \+SOM ([\d.]+), \+SOM\+SAE ([\d.]+), SFP ([\d.]+), "
+                       r"SCLIP ([\d.]+)\.", text)
+    assert scores, "the stage ablation's note gives each column's mIoU"
+    assert all(0 <= float(s) <= 1 for s in scores.groups())

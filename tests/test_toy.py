@@ -311,3 +311,33 @@ def test_bad_toy_weights_and_tags_get_one_sentence(tmp_path):
         toy.load_toy(path=bad)
     with pytest.raises(ModelLoadError, match="takes no pretrained tag"):
         load_model("toy", "laion2b_s34b_b88k")
+
+
+def _miou_by_hand(pred: np.ndarray, gt: np.ndarray) -> float:
+    scored = gt != 255
+    p, g = pred[scored], gt[scored]
+    ious = [((p == c) & (g == c)).sum() / ((p == c) | (g == c)).sum()
+            for c in np.union1d(np.unique(p), np.unique(g))]
+    return float(np.mean(ious))
+
+
+def test_stage_ablation_of_a_toy_scene_is_scored_against_its_mask(clean):
+    import dataclasses
+
+    from sfp.viz.figures import stage_ablation, stage_ablation_data
+    from sfp.viz.figures.views import image_view
+
+    scene = ToyDataset("val")[2]
+    view = dataclasses.replace(image_view(clean, scene.image, size="model", name="s"),
+                               truth=scene.label)
+    d = stage_ablation_data(clean, view, "toy", templates=["a photo of {}."])
+    assert d.truth is not None and np.array_equal(d.truth, scene.label)  # 128 px: 8 x 16 px
+    for k in range(len(d.columns)):
+        assert d.miou(k) == pytest.approx(_miou_by_hand(d.labels[k], scene.label))
+    assert d.miou(0) > 0.5  # the clean toy CLIP segments this scene
+    fig = stage_ablation(d)
+    truth_ax = [ax for ax in fig.axes if ax.get_title() == "ground truth"]
+    assert len(truth_ax) == 1 and truth_ax[0].images
+    assert fig.axes[1].get_title().startswith("CLIP\nmIoU ")
+    with pytest.raises(ValueError, match="one class per pixel"):
+        dataclasses.replace(view, truth=scene.label[:64])

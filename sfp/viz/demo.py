@@ -18,6 +18,7 @@ that architecture; ``toy``: the toy CLIP without planted outliers).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import sys
 import time
@@ -248,11 +249,13 @@ def _render_all(bundle: Any, out: Path, quick: bool, progress: bool
         f"(one template, {templates[0]!r}: {why})",
     ]
     size = "model" if getattr(bundle, "is_toy", False) else 224
-    views = [image_view(bundle, src, size=size, crop=crop, name=name)
-             for name, src, crop in sources]
+    # a toy scene's view carries its mask, so the stage ablation scores its segmentations
+    views = [dataclasses.replace(image_view(bundle, src, size=size, crop=crop, name=name),
+                                 truth=truth)
+             for name, src, crop, truth in sources]
     # the outlier grid as released: the image squashed to a square
     grid_views = [image_view(bundle, src, size=size, squash=True, name=name)
-                  for name, src, _ in sources]
+                  for name, src, _, _ in sources]
     bar.update(1)
     reports = []
     for view, grid_view in zip(views, grid_views, strict=True):
@@ -271,21 +274,25 @@ def _render_all(bundle: Any, out: Path, quick: bool, progress: bool
     return reports, som, text_lines
 
 
-def _sources(bundle: Any) -> tuple[list[tuple[str, Any, bool]], str, tuple[str, ...]]:
-    """The demo's images ``(name, image, centre-crop?)``, class list and templates: photos
-    and a drawn landscape with voc21's classes, or for the toy CLIP generated texture scenes
-    with its six textures."""
+_Source = tuple[str, Any, bool, "np.ndarray | None"]
+
+
+def _sources(bundle: Any) -> tuple[list[_Source], str, tuple[str, ...]]:
+    """The demo's images ``(name, image, centre-crop?, ground truth or None)``, class list
+    and templates: photos and a drawn landscape with voc21's classes, or for the toy CLIP
+    generated texture scenes (at the model's input size, with their masks) with its six
+    textures."""
     if getattr(bundle, "is_toy", False):
         from sfp.seg.datasets import ToyDataset
 
         scenes = ToyDataset("val")
-        return ([(f"toy_scene_{i}", scenes[i].image, True) for i in range(TOY_SCENES)],
-                TOY_CLASSES, TOY_TEMPLATES)
+        return ([(f"toy_scene_{i}", scenes[i].image, True, scenes[i].label)
+                 for i in range(TOY_SCENES)], TOY_CLASSES, TOY_TEMPLATES)
     from sfp.core.io import sample_images
 
     photos = sample_images()
-    sources: list[tuple[str, Any, bool]] = [(n, photos[n], True) for n in DEMO_IMAGES]
-    sources.append(("generated_scene", generated_scene(), False))
+    sources: list[_Source] = [(n, photos[n], True, None) for n in DEMO_IMAGES]
+    sources.append(("generated_scene", generated_scene(), False, None))
     return sources, DEMO_CLASSES, DEMO_TEMPLATES
 
 

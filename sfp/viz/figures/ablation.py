@@ -59,6 +59,8 @@ class StageAblationData(CropFigureData):
     int64 class per pixel of the crop (H' x W' = the patch grid's pixel extent). outliers:
     (gh, gw) bool, the full SFP configuration's final outlier set. class_names: C names.
     image: (H, W, 3) crop in [0, 1]. config: the SFP configuration's constructor text.
+    truth: (H', W') int64 ground-truth class per pixel of the labelled extent (255 = not
+    scored) when the image's view carries one (:attr:`ImageView.truth`), else None.
     """
 
     columns: list[str]
@@ -70,6 +72,17 @@ class StageAblationData(CropFigureData):
     detect_layer: int
     meta: dict[str, Any] = field(default_factory=dict)
     counts: Any = None  # FlagCounts of SOM at the detect layer (passed vs kept), or None
+    truth: np.ndarray | None = None
+
+    def miou(self, k: int) -> float | None:
+        """Column k's mIoU against :attr:`truth` on this one image (classes in neither the
+        prediction nor the truth left out; 255 not scored), or None without a truth."""
+        if self.truth is None:
+            return None
+        from sfp.seg.metrics import ConfusionAccumulator
+
+        acc = ConfusionAccumulator(len(self.class_names)).update(self.labels[k], self.truth)
+        return float(acc.summary().miou)
 
     @property
     def flag_text(self) -> str:
@@ -105,9 +118,14 @@ class StageAblationData(CropFigureData):
 
     def overlay(self, k: int, alpha: float = 0.55) -> np.ndarray:
         """Column k's labels blended over the crop with the VOC palette: (H', W', 3) float."""
-        h, w = self.labels.shape[1:]
-        colours = class_palette(self.class_names)[self.labels[k] % 256].astype(np.float32) / 255.0
-        return (1 - alpha) * self.image[:h, :w] + alpha * colours
+        return self.overlay_labels(self.labels[k], alpha)
+
+    def overlay_labels(self, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+        """(H', W') class ids blended over the crop (255, not scored: the image alone)."""
+        h, w = labels.shape
+        colours = class_palette(self.class_names)[labels % 256].astype(np.float32) / 255.0
+        a = np.where(labels[..., None] == 255, 0.0, alpha).astype(np.float32)
+        return (1 - a) * self.image[:h, :w] + a * colours
 
 
 def _tokens_of(enc: Any, pixels: torch.Tensor, h_prev: torch.Tensor | None,
@@ -183,6 +201,10 @@ def stage_ablation_data(
     labels = [style.to_numpy(seg.segment_window(f, grid, rgb8).labels) for f in feats]
     assert mask is not None
     gh, gw = grid
+    truth = None
+    if view.truth is not None:
+        h, w = labels[0].shape
+        truth = view.truth[:h, :w].astype(np.int64)
     return StageAblationData(
         columns=names,
         tokens=np.stack([style.to_numpy(t.float()) for t in toks]).astype(np.float32),
@@ -199,6 +221,7 @@ def stage_ablation_data(
         detect_layer=int(detect_layer),
         meta={"logit_scale": seg.logit_scale},
         counts=counts,
+        truth=truth,
     )
 
 
@@ -238,6 +261,8 @@ def stage_ablation(data: StageAblationData, *, mode: str = "norm",
     img_w = 2.2
     px = d.image.shape[0] / gh
     pca = d.pca_maps(space) if mode == "pca" else None
+    # next to a ground truth the labels are drawn nearly opaque, to be compared by colour
+    alpha = 0.55 if d.truth is None else 0.85
     what = "final tokens (before ln_post)" if space == "tokens" else "features (ln_post, proj)"
     from matplotlib.patches import Patch
 
@@ -260,18 +285,31 @@ def stage_ablation(data: StageAblationData, *, mode: str = "norm",
                 ax.set_xticks([])
                 ax.set_yticks([])
             style.mark_patches(ax, d.outliers, color="white" if pca is None else "black")
-            ax.set_title(d.columns[j], fontsize=10, fontweight="bold")
+            score = d.miou(j)
+            ax.set_title(d.columns[j] if score is None else f"{d.columns[j]}\nmIoU {score:.2f}",
+                         fontsize=10, fontweight="bold")
             ax2 = axes[1, j + 1]
             h, w = d.labels.shape[1:]
-            ax2.imshow(d.overlay(j), extent=(0, w, h, 0), aspect="equal")
+            ax2.imshow(d.overlay(j, alpha), extent=(0, w, h, 0), aspect="equal")
             ax2.set_xticks([])
             ax2.set_yticks([])
         axes[0, 1].set_ylabel(what + ":\n" + ("L2 norm" if pca is None else "PCA → RGB"),
                               fontsize=9)
         axes[1, 1].set_ylabel("segmentation", fontsize=9.5)
-        # Legend of the classes present in any column, below the figure.
-        axes[1, 0].set_axis_off()
-        present = sorted({int(c) for c in np.unique(d.labels)})
+        # The ground truth under the image where it is known; legend of the classes present
+        # in any column (and the truth), below the figure.
+        if d.truth is None:
+            axes[1, 0].set_axis_off()
+            present = sorted({int(c) for c in np.unique(d.labels)})
+        else:
+            h, w = d.truth.shape
+            axes[1, 0].imshow(d.overlay_labels(d.truth, alpha), extent=(0, w, h, 0),
+                              aspect="equal")
+            axes[1, 0].set_title("ground truth", fontsize=10)
+            axes[1, 0].set_xticks([])
+            axes[1, 0].set_yticks([])
+            scored = d.truth[d.truth != 255]
+            present = sorted({int(c) for c in np.unique(d.labels)} | {int(c) for c in scored})
         pal = class_palette(d.class_names)
         handles = [Patch(facecolor=pal[c % 256] / 255.0, edgecolor="black",
                          label=d.class_names[c] if c < len(d.class_names) else str(c))

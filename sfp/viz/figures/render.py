@@ -81,6 +81,14 @@ def _onset(stats: Any) -> tuple[int | None, float]:
     return (int(stats.layers[idx[0]]) if len(idx) else None), float(ratio[-1])
 
 
+def _truth_text(ab: Any) -> str:
+    """" Against the ground truth (bottom left), mIoU: CLIP 0.41, ..." or "" without one."""
+    if ab.truth is None:
+        return ""
+    scores = ", ".join(f"{c} {ab.miou(k):.2f}" for k, c in enumerate(ab.columns))
+    return f" Against the ground truth (bottom left), this image's mIoU: {scores}."
+
+
 def render_image(
     bundle: Any,
     view: ImageView,
@@ -240,7 +248,7 @@ class _Renderer:
                  f"final patch tokens ({feature_map}); white boxes: SOM's outliers at layer "
                  f"{ab.detect_layer} — bright in CLIP, gone after SOM. Bottom: segmentation of "
                  f"the crop with {len(ab.class_names)} classes{templates_text}. Here the "
-                 f"{cos_text}.",
+                 f"{cos_text}.{_truth_text(ab)}",
                  self._plotly(ab_mod.stage_ablation_plotly, ab))
 
     def layerwise(self, bundle: Any, feature_map: str) -> None:

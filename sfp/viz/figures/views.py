@@ -23,11 +23,22 @@ class ImageView:
 
     name: short name for titles and file names. rgb: (H, W, 3) float32 in [0, 1], the resized
     (and cropped) image. pixels: (1, 3, H, W) normalised for the bundle, on its device.
+    truth: (H, W) int64 ground-truth class per pixel of ``rgb`` (255 = not scored) where it
+    is known (the toy benchmark's scenes), else None; figures that segment score against it.
     """
 
     name: str
     rgb: np.ndarray
     pixels: torch.Tensor
+    truth: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.truth is not None:
+            self.truth = np.asarray(self.truth, dtype=np.int64)
+            if self.truth.shape != self.rgb.shape[:2]:
+                raise ValueError(f"truth of {self.name!r} is {self.truth.shape}, the image "
+                                 f"{self.rgb.shape[:2]}: pass one class per pixel of the "
+                                 "image as the model sees it (after resize and crop).")
 
     @property
     def size(self) -> tuple[int, int]:
