@@ -26,8 +26,8 @@ Two phases:
    Phase 1 alone gives a good image-level CLIP (caption retrieval 95 % in a batch of 64)
    whose patch tokens are global: they name the image's textures but not their own (dense
    ``clip`` mIoU 0.22 on the toy benchmark; the mean-patch term alone reached 0.26). The
-   region term makes the patch tokens local, as real CLIP's are before outliers take over,
-   and the model stays an ordinary class-token CLIP.
+   region term makes the patch tokens local (more so than a real CLIP's, which never get
+   such supervision), and the model stays an ordinary class-token CLIP.
 
 After every step the reserved channels are zeroed again (:func:`sfp.models.toy.zero_reserved`).
 """
