@@ -10,6 +10,9 @@ fixed vector, as large as a median patch token, into every token that attends to
 the first N scenes of the generated toy benchmark (val split). Every encoder and SFP with
 every preset, one after the other in one process.
 
+The last rows are SFP's stages (the official preset with HAI off: "+SOM+SAE"; with SAE, HAI
+and the similarity aggregation off too: "+SOM"), as the stage-ablation figure shows them.
+
 Columns: mIoU (%) on the clean model; with the planted circuit's weight edits but no outliers
 ("circuit": the same model planted with strength 1e-6, so the outlier norm is ~0: what the
 edits of 18 MLP neurons and of one query/key direction per head cost by themselves); on the
@@ -38,6 +41,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from sfp.methods.encoders import method_variants
+    from sfp.methods.stages import stage_ladder
     from sfp.models.toy import load_toy, toy_planted_model
     from sfp.seg.toy import clean_vs_planted, planted_recall
 
@@ -47,7 +51,11 @@ def main() -> None:
     circuit, _ = toy_planted_model(seed=a.seed, strength=1e-6)
     recall = {d: planted_recall(planted, truth, d, n=a.n) for d in ("som", "l2")}
     n_planted = recall["som"][1]
-    rows = clean_vs_planted(clean, planted, method_variants(), n=a.n, circuit=circuit)
+    # SFP's stages one by one (the stage ladder of the figures and widgets): which one helps
+    stages = [("sfp", cfg, f"sfp/official {name}")
+              for name, _, cfg in stage_ladder("official") if name.startswith("+")]
+    rows = clean_vs_planted(clean, planted, [*method_variants(), *stages], n=a.n,
+                            circuit=circuit)
     clip = next(r for r in rows if r.label == "clip")
     lost = (clip.clean or 0) - (clip.planted or 0)
 

@@ -341,3 +341,18 @@ def test_stage_ablation_of_a_toy_scene_is_scored_against_its_mask(clean):
     assert fig.axes[1].get_title().startswith("CLIP\nmIoU ")
     with pytest.raises(ValueError, match="one class per pixel"):
         dataclasses.replace(view, truth=scene.label[:64])
+
+
+def test_sfp_outlier_mitigation_alone_recovers_most_of_what_clip_lost(clean, planted):
+    """SFP's first stage (+SOM: the detected outliers replaced, nothing else) on the planted
+    toy CLIP gets back at least half of what the planted outliers cost plain CLIP."""
+    from sfp.methods.stages import stage_ladder
+    from sfp.seg.toy import toy_miou
+
+    som_only = dict((name, cfg) for name, _, cfg in stage_ladder("official"))["+SOM"]
+    assert not (som_only.sae or som_only.hai or som_only.pre_aggregate)
+    n = 40
+    bundle, _ = planted
+    lost = toy_miou(clean, "clip", n=n) - toy_miou(bundle, "clip", n=n)
+    gained = toy_miou(bundle, "sfp", som_only, n=n) - toy_miou(bundle, "clip", n=n)
+    assert lost > 0.15 and gained >= 0.5 * lost, (lost, gained)

@@ -22,10 +22,10 @@ from sfp.seg.pipeline import Segmenter
 __all__ = ["MethodRow", "clean_vs_planted", "planted_recall", "toy_miou"]
 
 
-def toy_miou(bundle: Any, method: str = "clip", preset: str | None = None, n: int = 100,
+def toy_miou(bundle: Any, method: str = "clip", preset: Any = None, n: int = 100,
              split: str = "val", progress: bool = False, **overrides: Any) -> float:
-    """mIoU (fraction, 0..1) of ``method`` (with ``preset`` for sfp) on the first ``n`` scenes
-    of the toy benchmark."""
+    """mIoU (fraction, 0..1) of ``method`` (with ``preset``, a preset name or a configuration
+    ``make_encoder`` takes) on the first ``n`` scenes of the toy benchmark."""
     seg = Segmenter.for_benchmark(bundle, "toy", method=method, config=preset,
                                   text_cache=False, **overrides)
     return float(evaluate(seg, ToyDataset(split), limit=n, progress=progress).metrics.miou)
@@ -71,16 +71,20 @@ class MethodRow:
         return None if self.clean is None or self.planted is None else self.clean - self.planted
 
 
-def clean_vs_planted(clean: Any, planted: Any, variants: Sequence[tuple[str, str | None]],
+def clean_vs_planted(clean: Any, planted: Any, variants: Sequence[tuple[Any, ...]],
                      n: int = 100, progress: bool = True, circuit: Any = None
                      ) -> list[MethodRow]:
     """mIoU of every ``(method, preset)`` on the clean and the planted toy CLIP (and on
-    ``circuit``, the planted circuit without outliers, when given)."""
+    ``circuit``, the planted circuit without outliers, when given). A variant may be
+    ``(method, config, label)``: ``config`` any configuration ``make_encoder`` takes (e.g. an
+    SFP stage's ``SFPConfig``), ``label`` its row name."""
     from tqdm.auto import tqdm
 
     rows = []
-    for method, preset in tqdm(list(variants), desc="methods", disable=not progress):
-        label = method if preset is None else f"{method}/{preset}"
+    for variant in tqdm(list(variants), desc="methods", disable=not progress):
+        method, preset = variant[:2]
+        label = variant[2] if len(variant) > 2 else (
+            method if preset is None else f"{method}/{preset}")
         try:
             a = toy_miou(clean, method, preset, n)
             b = toy_miou(planted, method, preset, n)
