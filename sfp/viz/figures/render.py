@@ -88,7 +88,7 @@ _TOY_SAE = (" On the toy CLIP the local information lives in the residual stream
 
 
 def _truth_text(ab: Any) -> str:
-    """" Against the ground truth (bottom left), mIoU: CLIP 0.41, ..." or "" without one."""
+    """The note's sentence with each column's mIoU against the image's truth ("" without)."""
     if ab.truth is None:
         return ""
     scores = ", ".join(f"{c} {ab.miou(k):.2f}" for k, c in enumerate(ab.columns))
