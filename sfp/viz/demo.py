@@ -285,9 +285,9 @@ def _sources(bundle: Any) -> tuple[list[_Source], str, tuple[str, ...]]:
     if getattr(bundle, "is_toy", False):
         from sfp.seg.datasets import ToyDataset
 
-        scenes = ToyDataset("val")
-        return ([(f"toy_scene_{i}", scenes[i].image, True, scenes[i].label)
-                 for i in range(TOY_SCENES)], TOY_CLASSES, TOY_TEMPLATES)
+        scenes = [ToyDataset("val")[i] for i in range(TOY_SCENES)]  # each one generated
+        return ([(f"toy_scene_{i}", s.image, True, s.label) for i, s in enumerate(scenes)],
+                TOY_CLASSES, TOY_TEMPLATES)
     from sfp.core.io import sample_images
 
     photos = sample_images()
