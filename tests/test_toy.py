@@ -341,6 +341,8 @@ def test_stage_ablation_of_a_toy_scene_is_scored_against_its_mask(clean):
     assert fig.axes[1].get_title().startswith("CLIP\nmIoU ")
     with pytest.raises(ValueError, match="one class per pixel"):
         dataclasses.replace(view, truth=scene.label[:64])
+    with pytest.raises(ValueError, match="pass integer class ids"):
+        dataclasses.replace(view, truth=scene.label + 0.5)
 
 
 def test_sfp_outlier_mitigation_alone_recovers_most_of_what_clip_lost(clean, planted):

@@ -34,7 +34,11 @@ class ImageView:
 
     def __post_init__(self) -> None:
         if self.truth is not None:
-            self.truth = np.asarray(self.truth, dtype=np.int64)
+            truth = np.asarray(self.truth)
+            if not np.issubdtype(truth.dtype, np.integer):
+                raise ValueError(f"truth of {self.name!r} has dtype {truth.dtype}: pass integer "
+                                 "class ids per pixel (255 = not scored).")
+            self.truth = truth.astype(np.int64)
             if self.truth.shape != self.rgb.shape[:2]:
                 raise ValueError(f"truth of {self.name!r} is {self.truth.shape}, the image "
                                  f"{self.rgb.shape[:2]}: pass one class per pixel of the "
