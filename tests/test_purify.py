@@ -613,9 +613,8 @@ def test_make_encoder_builds_sfp(vits, small_images, official_stages) -> None:
 
 @pytest.fixture(scope="module")
 def planted():
-    """Synthetic ViT-S-16 (10 planted positions, onset layer 6) and 2 normalised scenes; the
-    second has a step edge over 3 eligible patches, so fewer than 10 of its tokens are
-    planted."""
+    """Synthetic ViT-S-16 (10 cells, onset layer 6) and 2 normalised scenes; in the second,
+    every patch of 3 cells has a step edge, so fewer than 10 of its tokens are planted."""
     import open_clip
 
     from sfp.models.synthetic import planted_model, synthetic_scene
@@ -625,7 +624,7 @@ def planted():
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
     images = torch.stack([(synthetic_scene(s) - mean) / std for s in (1, 4)])
     p = bundle.patch_size
-    for r, c in torch.nonzero(truth.eligible).tolist()[:3]:
+    for r, c in torch.nonzero(truth.cells < 3).tolist():
         images[1, :, r * p : (r + 1) * p, c * p : c * p + p // 2] += 3.0
     mask = truth.mask(images).flatten(1)
     counts = mask.sum(dim=1).tolist()

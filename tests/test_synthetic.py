@@ -17,6 +17,7 @@ from sfp.core import forward, io, probe
 from sfp.core.outliers import mitigate, norm_z, som
 from sfp.models.synthetic import (
     SYNTHETIC_LABEL,
+    PlantConfig,
     PlantedTruth,
     default_onset,
     planted_model,
@@ -79,10 +80,83 @@ def test_labels_and_truth_fields(b16, trace):
     assert SYNTHETIC_LABEL in repr(truth) and "onset_layer=6" in repr(truth)
     assert truth.description.startswith("Synthetic ViT-B-16 (planted outliers")
     assert truth.sink_layers == tuple(range(7, 13))
-    # eligible positions are interior and pairwise non-adjacent
-    pos = truth.eligible.nonzero().tolist()
-    assert all(0 < r < 13 and 0 < c < 13 for r, c in pos)
-    assert all(max(abs(a - c), abs(b - d)) >= 2 for a, b in pos for c, d in pos if (a, b) != (c, d))
+    assert truth.positions == "content" and "positions='content'" in repr(truth)
+
+
+def _cell_members(truth) -> list[list[tuple[int, int]]]:
+    cells = truth.cells
+    return [[tuple(p) for p in (cells == r).nonzero().tolist()] for r in range(truth.n_outliers)]
+
+
+def test_cells_partition_the_grid_without_touching(b16, s16):
+    for truth in (b16[1], s16[1]):
+        cells, prio = truth.cells, truth.priority
+        assert cells.shape == prio.shape == truth.base_grid
+        assert int(cells.min()) == -1 and int(cells.max()) == truth.n_outliers - 1
+        assert torch.equal(truth.eligible, cells >= 0)
+        members = _cell_members(truth)
+        n = cells.numel()
+        # cells of similar size, covering most of the grid
+        assert min(map(len, members)) >= 0.4 * n / truth.n_outliers
+        assert sum(map(len, members)) >= 0.6 * n
+        for r, pts in enumerate(members):
+            # a tie-breaking rank within the cell: a permutation of 0 .. size - 1
+            assert sorted(int(prio[p]) for p in pts) == list(range(len(pts)))
+            for a, b in pts:  # no position of another cell among the 8 neighbours
+                around = cells[max(a - 1, 0) : a + 2, max(b - 1, 0) : b + 2]
+                assert ((around == r) | (around == -1)).all(), (r, a, b)
+
+
+def _rule_by_hand(truth, image: torch.Tensor) -> set[tuple[int, int]]:
+    """The planting rule on the base grid, one cell at a time: the flat patch with the fewest
+    (difference, level) exceedances, ties to the highest priority, if it is the cell's best."""
+    d = truth.differences(image[None])[0]  # (gh, gw, D)
+    out = set()
+    for pts in _cell_members(truth):
+        def key(p: tuple[int, int]) -> tuple[int, int]:
+            score = sum(int((d[p] > t).sum()) for t in truth.score_thresholds)
+            return score, -int(truth.priority[p])
+        best = min(pts, key=key)
+        if float(d[best].max()) <= truth.flat_threshold:
+            out.add(best)
+    return out
+
+
+def test_mask_is_the_flattest_patch_of_each_cell(b16, images):
+    _, truth = b16
+    mask = truth.mask(images)
+    for b in range(len(images)):
+        assert set(map(tuple, mask[b].nonzero().tolist())) == _rule_by_hand(truth, images[b])
+
+
+def test_positions_follow_image_content(b16, planted):
+    # different photos and scenes get different planted positions: no fixed grid positions
+    sets = {tuple(row.nonzero().flatten().tolist()) for row in planted}
+    assert len(sets) == len(planted)
+    union = planted.any(0)
+    assert int(union.sum()) >= 3 * planted.sum(1).max()
+
+
+def test_outlier_moves_when_its_patch_gets_texture(b16):
+    """On a uniform image every patch ties, so each cell plants its highest-priority patch;
+    texture painted on that patch moves the model's outlier to the next one."""
+    bundle, truth = b16
+    p = bundle.patch_size
+    grey = io.normalize(torch.full((1, 3, 224, 224), 0.5), bundle)
+    cell = _cell_members(truth)[0]
+    order = sorted(cell, key=lambda q: -int(truth.priority[q]))
+    first, second = order[0], order[1]
+    textured = grey.clone()
+    r, c = first
+    textured[0, :, r * p : (r + 1) * p, c * p : c * p + p // 2] += 0.5  # small: stays flat
+    x = torch.cat([grey, textured])
+    mask = truth.mask(x)
+    assert mask[0][first] and not mask[0][second]
+    assert mask[1][second] and not mask[1][first]
+    assert int(mask[0].sum()) == int(mask[1].sum()) == truth.n_outliers
+    tr = probe.record(bundle, x, layers=[truth.num_layers], heads="mean")
+    high = _norm_ratio(tr, truth.num_layers) > math.sqrt(truth.strength)
+    assert torch.equal(high, mask.flatten(1))
 
 
 def test_default_onset():
@@ -156,10 +230,27 @@ def test_planted_fraction_and_positions(b16, trace, planted):
 def test_photos_are_away_from_the_thresholds(b16, images):
     # the checks above are exact only outside the thin threshold bands
     _, truth = b16
-    flat_margin, elig_margin = truth.margins(images)
-    eligible = truth.eligibility(truth.base_grid) > 0
-    assert flat_margin[:, eligible].min() > 1e-3
-    assert elig_margin.min() == 1.0
+    assert not truth.ambiguous(images).any()
+    flat_margin, cell_margin = truth.margins(images)
+    assert cell_margin.min() == 1.0  # the base grid's cell codes are exactly 0 or 1
+    assert flat_margin.min() > 0
+
+
+def test_ambiguous_flags_the_winners_at_the_flat_threshold(b16):
+    """Every patch the same, its left half brighter by just over flat_threshold: all tie, no
+    patch is flat, and each cell's highest-priority patch is one 1e-5 away from planting."""
+    bundle, truth = b16
+    p = bundle.patch_size
+    x = io.normalize(torch.full((1, 3, 224, 224), 0.5), bundle)
+    left = (torch.arange(224) % p) < p // 2
+    x[..., left] += truth.flat_threshold + 1e-5
+    assert (truth.flatness(x) - truth.flat_threshold).abs().max() < 1e-4
+    assert not truth.mask(x).any()
+    winners = torch.zeros(truth.base_grid, dtype=torch.bool)
+    for cell in _cell_members(truth):
+        winners[max(cell, key=lambda q: int(truth.priority[q]))] = True
+    assert torch.equal(truth.ambiguous(x)[0], winners)
+    assert not truth.ambiguous(x, band=0.0).any()
 
 
 def test_embedding_finite_and_deterministic(s16):
@@ -243,7 +334,7 @@ def test_mask_drops_partial_patches(b16):
 def test_onset_layer_option(s16):
     bundle, truth = s16
     assert truth.onset_layer == 4 and truth.n_outliers == 8 and truth.strength == 15
-    assert truth.eligible.sum() == 8
+    assert int(truth.cells.max()) == 7
     x = torch.cat([io.normalize(synthetic_scene(s)[None], bundle) for s in (0, 1)])
     planted = truth.mask(x).flatten(1)
     assert (planted.sum(1) >= 4).all()
@@ -289,3 +380,22 @@ def test_detector_targets(b16, trace, planted):
     after = mitigate(patches, trace.grid, found).norm(dim=-1)
     ratio = after.amax(dim=1) / after.median(dim=1).values
     assert (ratio < 2).all()
+
+
+def test_fixed_positions_option():
+    """PlantConfig(positions="fixed"): flat patches at n_outliers seeded positions (the rule the
+    toy CLIP keeps, for its 11 reserved channels)."""
+    bundle, truth = planted_model("ViT-S-16", seed=2, n_outliers=6,
+                                  config=PlantConfig(positions="fixed"))
+    assert truth.positions == "fixed" and truth.cells is None and truth.n_outliers == 6
+    pos = truth.eligible.nonzero().tolist()
+    assert len(pos) == 6 and all(0 < r < 13 and 0 < c < 13 for r, c in pos)
+    assert all(max(abs(a - c), abs(b - d)) >= 2 for a, b in pos for c, d in pos if (a, b) != (c, d))
+    x = torch.cat([io.normalize(synthetic_scene(s)[None], bundle) for s in (0, 1)])
+    mask = truth.mask(x)
+    assert torch.equal(mask, (truth.flatness(x) <= truth.flat_threshold) & truth.eligible)
+    tr = probe.record(bundle, x, layers=[truth.num_layers], heads="mean")
+    assert torch.equal(_norm_ratio(tr, truth.num_layers) > math.sqrt(truth.strength),
+                       mask.flatten(1))
+    with pytest.raises(ValueError, match="positions"):
+        planted_model("ViT-S-16", config=PlantConfig(positions="random"))

@@ -92,11 +92,13 @@ CONTEXT_LENGTH = 16
 RESERVED_CHANNELS: tuple[int, ...] = tuple(range(117, 128))
 
 #: The planted circuit for the toy CLIP: 16 px patches in 2 x 2 sub-blocks (4 differences),
-#: so 11 dedicated channels, the reserved ones; the trained positional embedding as it is;
+#: so 11 dedicated channels, the reserved ones (too few for the content rule's cells and
+#: competition: the toy keeps fixed positions); the trained positional embedding as it is;
 #: 4 eligible positions of the 8 x 8 grid; in the last block the sinks carry a fixed vector
 #: as large as a median patch token into the tokens that attend to them.
 TOY_PLANT = PlantConfig(subgrid=2, position_scale=1.0, channels=RESERVED_CHANNELS,
-                        outlier_fraction=4 / 64, sink_value=1.0, sink_value_layers=1)
+                        outlier_fraction=4 / 64, sink_value=1.0, sink_value_layers=1,
+                        positions="fixed")
 
 TOY_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
