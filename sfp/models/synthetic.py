@@ -348,7 +348,7 @@ class PlantedTruth:
         level) pairs have |difference| > level, over ``score_thresholds``."""
         d = self.differences(images)
         return sum(((d > t).sum(-1) for t in self.score_thresholds),
-                   torch.zeros(d.shape[:-1], dtype=torch.int64))
+                   torch.zeros(d.shape[:-1], dtype=torch.int64, device=d.device))
 
     def mask(self, images: torch.Tensor) -> torch.Tensor:
         """Planted outliers: (B, 3, H, W) normalised -> (B, gh, gw) bool."""
@@ -828,7 +828,7 @@ def _plant_contrast(block: nn.Module, ch: _Channels, width: int, cfg: PlantConfi
 
 def _score_unit(ch: _Channels, cfg: PlantConfig) -> float:
     """content: the score channel's value per (difference, level) exceeded."""
-    return cfg.signal / (len(ch.contrast) * len(cfg.score_levels))
+    return cfg.signal / (len(ch.contrast) * max(1, len(cfg.score_levels)))
 
 
 def _plant_levels(block: nn.Module, ch: _Channels, width: int, cfg: PlantConfig,
