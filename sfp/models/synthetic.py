@@ -100,7 +100,7 @@ The planting rule (``PlantedTruth.mask``)
     seeded grid positions (the toy CLIP's rule: it needs 11 channels, not ~60).
 
     The tests are sharp thresholds computed by continuous neurons: within a thin band around
-    each (differences within ~1e-4 of a threshold, resized codes within ~1e-3 of theirs)
+    each (differences within ~2e-4 of a threshold, resized codes within ~2e-3 of theirs)
     the model may plant a partial outlier. :meth:`PlantedTruth.ambiguous` lists the tokens
     whose planting such a band could change (none on most images).
 
@@ -175,8 +175,9 @@ class PlantConfig:
     #: patches of a cell (score = how many (difference, level) pairs a patch exceeds)
     score_levels: tuple[float, ...] = (0.125, 0.25, 0.5)
     score_gain: float = 1e6  # content: c_fc weight per unit of signal of the level neurons
-    cell_gain: float = 1e4  # content: same for the cell-membership neurons
-    content_register_gain: float = 1e7  # content: same for the register neurons
+    cell_gain: float = 1e5  # content: same for the cell and priority bit neurons
+    unit_gain: float = 1e4  # content: same for the unit neuron (exact, so lower: precision)
+    content_register_gain: float = 3e7  # content: same for the register neurons
     content_register_ramp: float = 1e3  # content: their ramp (float32 error << ramp)
     #: content: least logit margin of the competition head, for tokens whose LayerNorm scale
     #: is up to 4x the reference scene's largest
@@ -184,7 +185,7 @@ class PlantConfig:
     #: the dedicated residual channels; None: a seeded draw. fixed: zero, one, eligible, cls,
     #: busy, the contrast channels, the two massive ones (7 + 2 s (s - 1)); content: zero, one,
     #: priority, cls, busy, score, veto, unit, the priority bit codes (ceil log2 of the
-    #: base-grid patches), n_outliers cell codes, n_outliers cell bits, the contrast
+    #: largest cell), n_outliers cell codes, cell bits and not-in-cell bits, the contrast
     #: channels, the two massive ones
     channels: tuple[int, ...] | None = None
 
@@ -371,9 +372,10 @@ class PlantedTruth:
 
     def ambiguous(self, images: torch.Tensor, band: float = 2e-4) -> torch.Tensor:
         """Tokens the model may plant partially, (B, gh, gw) bool: their planting changes when
-        a difference moves by ``band`` across a threshold, a cell code by ``10 band`` across
-        0.5 or (content) a resized priority by ``band / grid tokens``. Empty on most images;
-        where it is not, compare the model with :meth:`mask` elsewhere only."""
+        a difference moves by ``band`` across a threshold, or a resized positional code
+        (fixed: eligibility; content: cell and priority bit codes) by ``10 band`` across its
+        own. Empty on most images; where it is not, compare the model with :meth:`mask`
+        elsewhere only."""
         if self.positions == "content":
             maybe, sure = self._content_rule(images, band=band)
             return maybe & ~sure
@@ -426,8 +428,9 @@ class PlantedTruth:
                  - c - big * apart[None])
             return ((p > 0) & ~eye).any(-1)
 
-        surely = beaten(s_lo, s_hi, p_hi, p_lo, in_sure @ out_sure.T)
-        maybe = beaten(s_hi, s_lo, p_lo, p_hi, in_maybe @ out_maybe.T)
+        # surely beaten: under the largest cross-cell penalty; maybe: under the smallest
+        surely = beaten(s_lo, s_hi, p_hi, p_lo, in_maybe @ out_maybe.T)
+        maybe = beaten(s_hi, s_lo, p_lo, p_hi, in_sure @ out_sure.T)
         sure = flat_sure & (in_sure.sum(1) > 0)[None] & ~maybe
         possible = flat_maybe & (in_maybe.sum(1) > 0)[None] & ~surely
         return possible.reshape(b, gh, gw), sure.reshape(b, gh, gw)
@@ -874,8 +877,8 @@ def _plant_levels(block: nn.Module, ch: _Channels, width: int, cfg: PlantConfig,
         i += 2
     write = torch.zeros(width)
     write[ch.unit] = cfg.signal
-    read = _diff(ch.one, ch.zero, width, cfg.cell_gain)
-    read += _diff(ch.cls, ch.zero, width, -2 * cfg.cell_gain)
+    read = _diff(ch.one, ch.zero, width, cfg.unit_gain)
+    read += _diff(ch.cls, ch.zero, width, -2 * cfg.unit_gain)
     _set_ramp(block, (neurons[i], neurons[i + 1]), read, write, cfg.ramp)
     return neurons
 
