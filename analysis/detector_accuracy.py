@@ -125,6 +125,16 @@ def check_targets(scores: list[Score], truth: PlantedTruth, after: torch.Tensor)
     return failed
 
 
+def position_overlap(mask: torch.Tensor) -> float:
+    """Mean Jaccard index of the planted position sets over all pairs of images: (B, N) bool."""
+    m = mask.float()
+    inter = m @ m.T
+    union = m.sum(1)[:, None] + m.sum(1)[None, :] - inter
+    iu = torch.triu_indices(len(m), len(m), offset=1)
+    jac = inter[iu[0], iu[1]] / union[iu[0], iu[1]].clamp(min=1)
+    return float(jac.mean()) if jac.numel() else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16")
@@ -182,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(names)} images, {int(truth_mask.sum())} planted tokens "
         f"(per image {truth_mask.sum(1).tolist()})"
+    )
+    print(
+        f"planted positions: {int(truth_mask.any(0).sum())} distinct over the images, mean "
+        f"pairwise Jaccard {position_overlap(truth_mask):.3f} (1: the same positions in every "
+        "image)"
     )
     print("precision / recall per layer (pooled over images; SYNTHETIC model, planted outliers)")
     print("layer  " + "  ".join(f"{d:>13}" for d in dets))
