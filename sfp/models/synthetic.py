@@ -639,7 +639,7 @@ class _Plan:
     register_neurons: list[int]
     u: dict[int, torch.Tensor]  # layer -> (H, d) unit head directions
     cells: torch.Tensor | None = None  # content: (g0h, g0w) int64
-    priority: torch.Tensor | None = None  # content: (g0h, g0w) int64, a permutation
+    priority: torch.Tensor | None = None  # content: (g0h, g0w) int64, rank within the cell
     head: int = -1  # content: the competition head of block onset
 
 
@@ -703,6 +703,9 @@ def _cells(centres: torch.Tensor, iterations: int = 10) -> torch.Tensor:
                     cells[i, j] = -1
                     sizes[r] -= 1
                     changed = True
+    if (torch.bincount(cells[cells >= 0], minlength=k) == 0).any():
+        raise ValueError(f"cannot make {k} cells of at least one patch on a {gh} x {gw} grid; "
+                         "use fewer n_outliers.")
     return cells
 
 
@@ -838,9 +841,9 @@ def _plant_levels(block: nn.Module, ch: _Channels, width: int, cfg: PlantConfig,
                   gen: torch.Generator, taken: list[int]) -> list[int]:
     """Step 2, content (block onset-1), every output an absolute value: score += one unit
     per (difference, level) with |difference| > level x flat_threshold; cell bit r = signal
-    where cell code r > 0.5 and outside bit r = signal at a patch where it is < 0.5; priority +=
-    2^m signal / 2^bits where bit code m > 0; unit =
-    signal at every patch (0 at the class token)."""
+    where cell code r > 0.5, and outside bit r = signal at a patch where it is < 0.5;
+    priority += 2^m signal / 2^bits where bit code m > 0; unit = signal at every patch (0 at
+    the class token)."""
     n_levels = len(cfg.score_levels) * len(ch.contrast) * 4
     n_more = 2 * (2 * len(ch.cells) + len(ch.bits) + 1)
     neurons = _pick_neurons(block, n_levels + n_more, gen, taken)
