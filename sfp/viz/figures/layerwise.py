@@ -58,7 +58,9 @@ def default_purification_layers(num_layers: int) -> list[int]:
 
 #: Said wherever a figure shows the paper's criterion (eq. 4) without the release's factor:
 #: before the outliers appear it flags about half of the patches (on the planted ViT-B/16,
-#: 80-114 of 196 in each of layers 1-6, then exactly the 8-9 planted ones from layer 7 on).
+#: 72-127 of 196 in each of layers 1-5 over 4 photos and 4 scenes, 128-167 in layer 6, whose
+#: attention holds the planted competition head, then exactly the 10 planted ones from layer
+#: 7 on).
 PAPER_CRITERION_NOTE = ("eq. 4 without the release's factor 1.5 and top-10 flags about half "
                         "the tokens of early layers")
 
