@@ -347,9 +347,14 @@ class PlantedTruth:
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """content: information score per patch, (B, gh, gw) int64: how many (difference,
         level) pairs have |difference| > level, over ``score_thresholds``."""
-        d = self.differences(images)
-        return sum(((d > t).sum(-1) for t in self.score_thresholds),
-                   torch.zeros(d.shape[:-1], dtype=torch.int64, device=d.device))
+        return self._count_exceeding(self.differences(images), 0.0)
+
+    def _count_exceeding(self, d: torch.Tensor, shift: float) -> torch.Tensor:
+        """(B, gh, gw, D) |differences| -> (B, gh, gw) int64: pairs with |d| > level + shift."""
+        out = torch.zeros(d.shape[:-1], dtype=torch.int64, device=d.device)
+        for t in self.score_thresholds:
+            out += (d > t + shift).sum(-1)
+        return out
 
     def mask(self, images: torch.Tensor) -> torch.Tensor:
         """Planted outliers: (B, 3, H, W) normalised -> (B, gh, gw) bool."""
@@ -399,13 +404,8 @@ class PlantedTruth:
         flat_sure = (flat_d <= self.flat_threshold - band).flatten(1)
         flat_maybe = (flat_d <= self.flat_threshold + band).flatten(1)
 
-        def score(shift: float) -> torch.Tensor:
-            out = torch.zeros(d.shape[:-1], dtype=torch.int64, device=d.device)
-            for t in self.score_thresholds:
-                out += (d > t + shift).sum(-1)
-            return out.flatten(1).double()
-
-        s_lo, s_hi = score(band), score(-band)
+        s_lo = self._count_exceeding(d, band).flatten(1).double()
+        s_hi = self._count_exceeding(d, -band).flatten(1).double()
         codes = self.cell_codes((gh, gw)).flatten(1).T.to(d.device)  # (N, K)
         in_sure = (codes > 0.5 + 10 * band).double()
         in_maybe = (codes > 0.5 - 10 * band).double()
@@ -428,9 +428,10 @@ class PlantedTruth:
                  - c - big * apart[None])
             return ((p > 0) & ~eye).any(-1)
 
-        # surely beaten: under the largest cross-cell penalty; maybe: under the smallest
+        # surely beaten: under the largest cross-cell penalty; maybe: under the smallest (the
+        # same for band 0, as mask() asks: computed once)
         surely = beaten(s_lo, s_hi, p_hi, p_lo, in_maybe @ out_maybe.T)
-        maybe = beaten(s_hi, s_lo, p_lo, p_hi, in_sure @ out_sure.T)
+        maybe = surely if band == 0 else beaten(s_hi, s_lo, p_lo, p_hi, in_sure @ out_sure.T)
         sure = flat_sure & (in_sure.sum(1) > 0)[None] & ~maybe
         possible = flat_maybe & (in_maybe.sum(1) > 0)[None] & ~surely
         return possible.reshape(b, gh, gw), sure.reshape(b, gh, gw)
@@ -770,20 +771,18 @@ def _plant(model: nn.Module, seed: int, onset: int, n_outliers: int, cfg: PlantC
     # to the size of the patch features (as in trained CLIPs) keeps the tokens diverse.
     visual.positional_embedding.mul_(cfg.position_scale)
     _isolate(visual, ch.all)
-    if not content:
-        _plant_embedding(visual, ch, eligible, pairs, cfg)
-        contrast_neurons = _plant_contrast(blocks[onset - 2], ch, width, cfg, gen)
-        register_neurons = _plant_registers(blocks[onset - 1], ch, width, cfg, gen)
-        u_by_layer = _plant_sinks(blocks, onset, ch, width, cfg, gen)
-        return _Plan(ch, eligible, onset, contrast_neurons, register_neurons, u_by_layer)
-    assert cells is not None and priority is not None
-    _plant_embedding(visual, ch, cells >= 0, pairs, cfg, cells, priority)
+    if cells is not None:
+        eligible = cells >= 0
+    assert eligible is not None
+    _plant_embedding(visual, ch, eligible, pairs, cfg, cells, priority)
     contrast_neurons = _plant_contrast(blocks[onset - 2], ch, width, cfg, gen)
-    _plant_levels(blocks[onset - 2], ch, width, cfg, gen, contrast_neurons)
-    head = _plant_competition(blocks[onset - 1], ch, width, cfg)
+    head = -1
+    if content:
+        _plant_levels(blocks[onset - 2], ch, width, cfg, gen, contrast_neurons)
+        head = _plant_competition(blocks[onset - 1], ch, width, cfg)
     register_neurons = _plant_registers(blocks[onset - 1], ch, width, cfg, gen)
     u_by_layer = _plant_sinks(blocks, onset, ch, width, cfg, gen)
-    return _Plan(ch, cells >= 0, onset, contrast_neurons, register_neurons, u_by_layer,
+    return _Plan(ch, eligible, onset, contrast_neurons, register_neurons, u_by_layer,
                  cells, priority, head)
 
 
